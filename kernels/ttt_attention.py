@@ -3,8 +3,43 @@ document) and the keys of steps 1..k on the diagonal (same position only).
 
     out[b, h, i] = softmax over {keys[0][b, h', j] : j ≤ i, same doc} ∪ {keys[s][b, h', i] : 1 ≤ s < S}
                    of q·k·scale, applied to the matching values;  h' = h // (Hq / Hkv)
+
+Three implementations of the same math:
+- `ttt_attention_reference`: dense [L, S·L] mask, the definition (test oracle only: O(S·L²) memory).
+- Triton (CUDA, or anywhere under TRITON_INTERPRET=1): a flash-attention forward that runs the online
+  softmax over the causal tiles of step 0 (tiles outside the causal / document range are never
+  visited), then folds in the S−1 diagonal terms as row-local dot products, and stores the merged
+  log-sum-exp. The backward recomputes probabilities from that merged LSE: one kernel per query block
+  for dq (causal tiles + diagonals), one per key block for dk0/dv0 (causal tiles, looping over the GQA
+  group so no atomics are needed) and dk_s/dv_s for s ≥ 1 (row-local).
+- torch (CPU): PyTorch's CPU flash kernel for the causal part, one call per document, which returns its
+  log-sum-exp; merged with the diagonal terms through that LSE. The backward calls the flash backward
+  with the *merged* output and LSE, which yields exactly the causal part's share of the gradients; the
+  diagonal gradients are row-local einsums. No L×L tensor is held at any point. (A block-diagonal
+  `attn_mask` would push that kernel onto its masked path, which visits every tile: measured ~7× slower
+  than per-document calls for 8 documents at L=4096.)
+
+Documents: `doc_ids[b]` must number each document as one contiguous run (the trainer numbers them
+0, 1, 2, … along the row). Tile skipping relies on it, so it is checked on every call that passes
+doc_ids (one small reduction and one host sync) and a violation raises ValueError.
+
+Keys and values are kept for the backward by reference, not through `save_for_backward`: the trainer
+writes later steps into other slices of the same preallocated buffer, which bumps the buffer's shared
+version counter and would trip autograd's in-place check although the slices read here never change.
+The caller must not overwrite keys[0:S] / values[0:S] before the backward has run.
 """
 import torch
+
+from ._dispatch import interpreting, log_once, triton_available
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.runtime.errors import OutOfResources
+except ImportError:  # specfast.kernels must import on machines without Triton; the torch path remains
+    triton = None
+
+_LOG2E = 1.4426950408889634
 
 
 def ttt_attention_reference(q, keys, values, doc_ids=None, scale=None):
@@ -31,6 +66,512 @@ def ttt_attention_reference(q, keys, values, doc_ids=None, scale=None):
     return (torch.softmax(scores, dim=-1) @ v).to(q.dtype)
 
 
-def ttt_attention(q, keys, values, doc_ids=None, scale=None):
-    """q [B, Hq, L, D]; keys, values [S, B, Hkv, L, D]; doc_ids [B, L] or None. Returns [B, Hq, L, D]."""
-    return ttt_attention_reference(q, keys, values, doc_ids, scale)
+def _doc_runs(doc_ids):
+    """Per position: the first index of its document (`start`) and one past its last (`end`), int32
+    [B, L]; plus the boolean [B, L] marking run starts. Raises if a document id recurs after a gap."""
+    B, L = doc_ids.shape
+    idx = torch.arange(L, device=doc_ids.device)
+    change = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.cat([torch.ones_like(doc_ids[:, :1], dtype=torch.bool), change], dim=1)
+    last = torch.cat([change, torch.ones_like(doc_ids[:, :1], dtype=torch.bool)], dim=1)
+    start = torch.where(first, idx, 0).cummax(dim=1).values
+    end = torch.where(last, idx + 1, L).flip(1).cummin(dim=1).values.flip(1)
+    # contiguous ⇔ number of runs == number of distinct ids, per row
+    srt = doc_ids.sort(dim=1).values
+    distinct = 1 + (srt[:, 1:] != srt[:, :-1]).sum(dim=1)
+    if not torch.equal(first.sum(dim=1), distinct):
+        raise ValueError("ttt_attention: each document in a doc_ids row must be one contiguous run")
+    return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous(), first
+
+
+def _check(q, keys, values, doc_ids):
+    assert keys.dim() == 5 and values.shape == keys.shape, "keys, values: [S, B, Hkv, L, D]"
+    S, B, Hkv, L, D = keys.shape
+    assert q.shape[0] == B and q.shape[2:] == (L, D), f"q {tuple(q.shape)} vs keys {tuple(keys.shape)}"
+    assert q.shape[1] % Hkv == 0, f"Hq={q.shape[1]} is not a multiple of Hkv={Hkv}"
+    assert S >= 1
+    if doc_ids is not None:
+        assert doc_ids.shape == (B, L), f"doc_ids {tuple(doc_ids.shape)}, expected {(B, L)}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton path
+# ---------------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _ttt_fwd_kernel(
+        Q, K, V, Out, Lse, Start,
+        sq_b, sq_h, sq_l, sq_d,
+        sk_s, sk_b, sk_h, sk_l, sk_d,
+        sv_s, sv_b, sv_h, sv_l, sv_d,
+        so_b, so_h, so_l, so_d,
+        S, Hq, L, D, GROUP, scale_log2,
+        HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // Hq).to(tl.int64)
+        h = (pid_bh % Hq).to(tl.int64)
+        hk = h // GROUP
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = rows < L
+        d_ok = offs_d < D
+
+        q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_l + offs_d[None, :] * sq_d,
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:  # the interpreter gets low-precision arithmetic wrong
+            q = q.to(tl.float32)
+        k_base = K + b * sk_b + hk * sk_h
+        v_base = V + b * sv_b + hk * sv_h
+
+        if HAS_DOCS:
+            row_start = tl.load(Start + b * L + rows, mask=row_ok, other=0)
+            lo = (tl.load(Start + b * L + pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N  # starts are non-decreasing
+        else:
+            row_start = tl.zeros([BLOCK_M], dtype=tl.int32)
+            lo = 0
+        hi = tl.minimum((pid_m + 1) * BLOCK_M, L)
+
+        # A finite floor for the running max keeps fully masked tiles from producing inf - inf.
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+        # Step 0: causal tiles within the document range only.
+        for n0 in range(lo, hi, BLOCK_N):
+            cols = n0 + offs_n
+            col_ok = cols < L
+            k = tl.load(k_base + cols[:, None] * sk_l + offs_d[None, :] * sk_d,
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(v_base + cols[:, None] * sv_l + offs_d[None, :] * sv_d,
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+            valid = (cols[None, :] <= rows[:, None]) & (cols[None, :] >= row_start[:, None]) & col_ok[None, :]
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            m_i = m_new
+
+        # Steps 1..S-1: one key per row, a row-local dot product each.
+        qf = q.to(tl.float32)
+        for s_idx in range(1, S):
+            ks = tl.load(k_base + s_idx * sk_s + rows[:, None] * sk_l + offs_d[None, :] * sk_d,
+                         mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            vs = tl.load(v_base + s_idx * sv_s + rows[:, None] * sv_l + offs_d[None, :] * sv_d,
+                         mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            sd = tl.sum(qf * ks, 1) * scale_log2
+            m_new = tl.maximum(m_i, sd)
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(sd - m_new)
+            l_i = l_i * alpha + p
+            acc = acc * alpha[:, None] + p[:, None] * vs
+            m_i = m_new
+
+        acc = acc / l_i[:, None]
+        tl.store(Out + b * so_b + h * so_h + rows[:, None] * so_l + offs_d[None, :] * so_d,
+                 acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(Lse + (b * Hq + h) * L + rows, m_i + tl.math.log2(l_i), mask=row_ok)  # base 2
+
+    @triton.jit
+    def _ttt_bwd_dq_kernel(
+        Q, K, V, DO, DQ, Lse, Delta, Start,
+        sq_b, sq_h, sq_l, sq_d,
+        sk_s, sk_b, sk_h, sk_l, sk_d,
+        sv_s, sv_b, sv_h, sv_l, sv_d,
+        sdo_b, sdo_h, sdo_l, sdo_d,
+        S, Hq, L, D, GROUP, scale, scale_log2,
+        HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """dq for one query block of one head; DQ is contiguous [B, Hq, L, D]."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // Hq).to(tl.int64)
+        h = (pid_bh % Hq).to(tl.int64)
+        hk = h // GROUP
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = rows < L
+        d_ok = offs_d < D
+        rd_mask = row_ok[:, None] & d_ok[None, :]
+
+        q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_l + offs_d[None, :] * sq_d, mask=rd_mask, other=0.0)
+        do = tl.load(DO + b * sdo_b + h * sdo_h + rows[:, None] * sdo_l + offs_d[None, :] * sdo_d,
+                     mask=rd_mask, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse = tl.load(Lse + (b * Hq + h) * L + rows, mask=row_ok, other=0.0)
+        delta = tl.load(Delta + (b * Hq + h) * L + rows, mask=row_ok, other=0.0)
+        k_base = K + b * sk_b + hk * sk_h
+        v_base = V + b * sv_b + hk * sv_h
+
+        if HAS_DOCS:
+            row_start = tl.load(Start + b * L + rows, mask=row_ok, other=0)
+            lo = (tl.load(Start + b * L + pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N
+        else:
+            row_start = tl.zeros([BLOCK_M], dtype=tl.int32)
+            lo = 0
+        hi = tl.minimum((pid_m + 1) * BLOCK_M, L)
+
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            cols = n0 + offs_n
+            col_ok = cols < L
+            k = tl.load(k_base + cols[:, None] * sk_l + offs_d[None, :] * sk_d,
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(v_base + cols[:, None] * sv_l + offs_d[None, :] * sv_d,
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+            valid = (cols[None, :] <= rows[:, None]) & (cols[None, :] >= row_start[:, None]) & col_ok[None, :]
+            p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+
+        qf = q.to(tl.float32)
+        dof = do.to(tl.float32)
+        for s_idx in range(1, S):
+            ks = tl.load(k_base + s_idx * sk_s + rows[:, None] * sk_l + offs_d[None, :] * sk_d,
+                         mask=rd_mask, other=0.0).to(tl.float32)
+            vs = tl.load(v_base + s_idx * sv_s + rows[:, None] * sv_l + offs_d[None, :] * sv_d,
+                         mask=rd_mask, other=0.0).to(tl.float32)
+            p = tl.math.exp2(tl.sum(qf * ks, 1) * scale_log2 - lse)
+            ds = p * (tl.sum(dof * vs, 1) - delta)
+            dq += ds[:, None] * ks
+
+        tl.store(DQ + ((b * Hq + h) * L + rows[:, None]) * D + offs_d[None, :],
+                 (dq * scale).to(DQ.dtype.element_ty), mask=rd_mask)
+
+    @triton.jit
+    def _ttt_bwd_dkdv_kernel(
+        Q, K, V, DO, DK, DV, Lse, Delta, Start, End,
+        sq_b, sq_h, sq_l, sq_d,
+        sk_s, sk_b, sk_h, sk_l, sk_d,
+        sv_s, sv_b, sv_h, sv_l, sv_d,
+        sdo_b, sdo_h, sdo_l, sdo_d,
+        S, B, Hkv, L, D, GROUP, scale, scale_log2,
+        HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """dk, dv of all S steps for one key block of one KV head, summed over its GQA group of query
+        heads inside the program (no atomics). DK, DV are contiguous [S, B, Hkv, L, D]."""
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // Hkv).to(tl.int64)
+        hk = (pid_bh % Hkv).to(tl.int64)
+        Hq = Hkv * GROUP
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        col_ok = cols < L
+        d_ok = offs_d < D
+        cd_mask = col_ok[:, None] & d_ok[None, :]
+        k_base = K + b * sk_b + hk * sk_h
+        v_base = V + b * sv_b + hk * sv_h
+
+        k = tl.load(k_base + cols[:, None] * sk_l + offs_d[None, :] * sk_d, mask=cd_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * sv_l + offs_d[None, :] * sv_d, mask=cd_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+
+        # Queries that can see this key block: from the block itself to the end of the document of
+        # its last key.
+        lo = ((pid_n * BLOCK_N) // BLOCK_M) * BLOCK_M
+        if HAS_DOCS:
+            hi = tl.load(End + b * L + tl.minimum(pid_n * BLOCK_N + BLOCK_N, L) - 1)
+        else:
+            hi = L
+
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for g in range(GROUP):
+            h = hk * GROUP + g
+            for m0 in range(lo, hi, BLOCK_M):
+                rows = m0 + offs_m
+                row_ok = rows < L
+                rd_mask = row_ok[:, None] & d_ok[None, :]
+                q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_l + offs_d[None, :] * sq_d,
+                            mask=rd_mask, other=0.0)
+                do = tl.load(DO + b * sdo_b + h * sdo_h + rows[:, None] * sdo_l + offs_d[None, :] * sdo_d,
+                             mask=rd_mask, other=0.0)
+                if UPCAST:
+                    q = q.to(tl.float32)
+                    do = do.to(tl.float32)
+                lse = tl.load(Lse + (b * Hq + h) * L + rows, mask=row_ok, other=0.0)
+                delta = tl.load(Delta + (b * Hq + h) * L + rows, mask=row_ok, other=0.0)
+                if HAS_DOCS:
+                    row_start = tl.load(Start + b * L + rows, mask=row_ok, other=0)
+                else:
+                    row_start = tl.zeros([BLOCK_M], dtype=tl.int32)
+                # transposed tile: keys along dim 0, queries along dim 1
+                sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2
+                valid = (rows[None, :] >= cols[:, None]) & (cols[:, None] >= row_start[None, :]) & row_ok[None, :]
+                pT = tl.where(valid, tl.math.exp2(sT - lse[None, :]), 0.0)
+                dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
+                dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+                dsT = pT * (dpT - delta[None, :])
+                dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
+
+        out_base = (b * Hkv + hk) * L * D + cols[:, None] * D + offs_d[None, :]
+        tl.store(DK + out_base, (dk * scale).to(DK.dtype.element_ty), mask=cd_mask)
+        tl.store(DV + out_base, dv.to(DV.dtype.element_ty), mask=cd_mask)
+
+        # Steps 1..S-1: key i of step s is seen by query i only, so these rows are the query rows.
+        step = B * Hkv * L * D
+        for s_idx in range(1, S):
+            ks = tl.load(k_base + s_idx * sk_s + cols[:, None] * sk_l + offs_d[None, :] * sk_d,
+                         mask=cd_mask, other=0.0).to(tl.float32)
+            vs = tl.load(v_base + s_idx * sv_s + cols[:, None] * sv_l + offs_d[None, :] * sv_d,
+                         mask=cd_mask, other=0.0).to(tl.float32)
+            dks = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            dvs = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            for g in range(GROUP):
+                h = hk * GROUP + g
+                q = tl.load(Q + b * sq_b + h * sq_h + cols[:, None] * sq_l + offs_d[None, :] * sq_d,
+                            mask=cd_mask, other=0.0).to(tl.float32)
+                do = tl.load(DO + b * sdo_b + h * sdo_h + cols[:, None] * sdo_l + offs_d[None, :] * sdo_d,
+                             mask=cd_mask, other=0.0).to(tl.float32)
+                lse = tl.load(Lse + (b * Hq + h) * L + cols, mask=col_ok, other=0.0)
+                delta = tl.load(Delta + (b * Hq + h) * L + cols, mask=col_ok, other=0.0)
+                p = tl.math.exp2(tl.sum(q * ks, 1) * scale_log2 - lse)
+                dvs += p[:, None] * do
+                dks += (p * (tl.sum(do * vs, 1) - delta))[:, None] * q
+            tl.store(DK + s_idx * step + out_base, (dks * scale).to(DK.dtype.element_ty), mask=cd_mask)
+            tl.store(DV + s_idx * step + out_base, dvs.to(DV.dtype.element_ty), mask=cd_mask)
+
+
+def _blocks(D, interpret):
+    """(fwd BLOCK_M, BLOCK_N, dq BLOCK_M, BLOCK_N, dkdv BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    if interpret:  # every program runs in Python: small tiles keep the tests fast and multi-tile
+        return 16, 16, 16, 16, 16, 16, 1, 1
+    if D <= 64:
+        return 128, 64, 64, 64, 64, 64, 4, 3
+    return 128, 64, 64, 64, 64, 64, 8, 2
+
+
+_SMALL_BLOCKS = (64, 32, 32, 32, 32, 32, 4, 1)  # retried once if a GPU lacks shared memory for the above
+_use_small = False
+
+
+def _launch(kernel, grid_of, args, consts, fwd_block_kind, D, interpret):
+    """Launch with the per-D tile table; on OutOfResources (a GPU with less shared memory) fall back
+    to small tiles for the rest of the process."""
+    global _use_small
+    table = _SMALL_BLOCKS if _use_small else _blocks(D, interpret)
+    bm, bn = {"fwd": table[0:2], "dq": table[2:4], "dkdv": table[4:6]}[fwd_block_kind]
+    try:
+        kernel[grid_of(bm, bn)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn,
+                                num_warps=table[6], num_stages=table[7])
+    except OutOfResources:
+        if _use_small or interpret:
+            raise
+        _use_small = True
+        log_once("ttt_attention.small_tiles", "ttt_attention: GPU lacks shared memory for the default tiles; using 64x32")
+        _launch(kernel, grid_of, args, consts, fwd_block_kind, D, interpret)
+
+
+def _dot_precision(dtype):
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+class _TTTAttentionTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, keys, values, doc_ids, scale):
+        S, B, Hkv, L, D = keys.shape
+        Hq = q.shape[1]
+        interpret = interpreting()
+        has_docs = doc_ids is not None
+        if has_docs:
+            start, end, _ = _doc_runs(doc_ids)
+        else:
+            start = end = torch.zeros(1, dtype=torch.int32, device=q.device)  # unused
+        out = torch.empty(B, Hq, L, D, dtype=q.dtype, device=q.device)
+        lse = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
+        consts = dict(HAS_DOCS=has_docs, UPCAST=interpret, DOT_PREC=_dot_precision(q.dtype),
+                      BLOCK_D=max(16, triton.next_power_of_2(D)))
+        args = (q, keys, values, out, lse, start,
+                *q.stride(), *keys.stride(), *values.stride(), *out.stride(),
+                S, Hq, L, D, Hq // Hkv, scale * _LOG2E)
+        _launch(_ttt_fwd_kernel, lambda bm, bn: (triton.cdiv(L, bm), B * Hq), args, consts, "fwd", D, interpret)
+
+        ctx.save_for_backward(q, out, lse, start, end)
+        ctx.keys, ctx.values = keys, values  # by reference: see the module docstring
+        ctx.scale, ctx.has_docs = scale, has_docs
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, out, lse, start, end = ctx.saved_tensors
+        keys, values = ctx.keys, ctx.values
+        S, B, Hkv, L, D = keys.shape
+        Hq = q.shape[1]
+        interpret = interpreting()
+        scale = ctx.scale
+        delta = (dout.float() * out.float()).sum(-1).contiguous()  # rowsum(dO·O), [B, Hq, L]
+        dq = torch.empty(B, Hq, L, D, dtype=q.dtype, device=q.device)
+        dk = torch.empty(S, B, Hkv, L, D, dtype=keys.dtype, device=q.device)
+        dv = torch.empty(S, B, Hkv, L, D, dtype=values.dtype, device=q.device)
+        consts = dict(HAS_DOCS=ctx.has_docs, UPCAST=interpret, DOT_PREC=_dot_precision(q.dtype),
+                      BLOCK_D=max(16, triton.next_power_of_2(D)))
+        strides = (*q.stride(), *keys.stride(), *values.stride(), *dout.stride())
+        _launch(_ttt_bwd_dq_kernel, lambda bm, bn: (triton.cdiv(L, bm), B * Hq),
+                (q, keys, values, dout, dq, lse, delta, start, *strides,
+                 S, Hq, L, D, Hq // Hkv, scale, scale * _LOG2E),
+                consts, "dq", D, interpret)
+        _launch(_ttt_bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(L, bn), B * Hkv),
+                (q, keys, values, dout, dk, dv, lse, delta, start, end, *strides,
+                 S, B, Hkv, L, D, Hq // Hkv, scale, scale * _LOG2E),
+                consts, "dkdv", D, interpret)
+        return dq, dk, dv, None, None
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch path (CPU)
+# ---------------------------------------------------------------------------------------------------
+def _segments(doc_ids, B, L):
+    """[(b or None, start, end)]: one causal flash call each. Without documents: the whole batch at once."""
+    if doc_ids is None:
+        return [(None, 0, L)]
+    _, _, first = _doc_runs(doc_ids)
+    segs = []
+    for b in range(B):
+        starts = first[b].nonzero().flatten().tolist() + [L]
+        segs += [(b, s0, s1) for s0, s1 in zip(starts[:-1], starts[1:])]
+    return segs
+
+
+def _piece(x, b, s0, s1):
+    """Rows [s0, s1) of batch b (all batches when b is None) of a [B, H, L, D] or [B, H, L] tensor."""
+    x = x if b is None else x[b:b + 1]
+    return x[:, :, s0:s1]
+
+
+class _TTTAttentionTorch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, keys, values, doc_ids, scale):
+        S, B, Hkv, L, D = keys.shape
+        Hq = q.shape[1]
+        g = Hq // Hkv
+        segs = _segments(doc_ids, B, L)
+        # Expanded step-0 heads: older torch's CPU flash kernel has no GQA. O(L) memory.
+        k0 = keys[0].repeat_interleave(g, dim=1)
+        v0 = values[0].repeat_interleave(g, dim=1)
+        out_c = torch.empty(B, Hq, L, D, dtype=q.dtype)
+        lse_c = torch.empty(B, Hq, L, dtype=torch.float32)
+        for b, s0, s1 in segs:
+            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                _piece(q, b, s0, s1).contiguous(), _piece(k0, b, s0, s1).contiguous(),
+                _piece(v0, b, s0, s1).contiguous(), 0.0, True, scale=scale)
+            _piece(out_c, b, s0, s1).copy_(o)
+            _piece(lse_c, b, s0, s1).copy_(lse)
+
+        # Merge with the diagonal terms through the LSE; head index h = hk·g + j.
+        qg = q.float().view(B, Hkv, g, L, D)
+        d = torch.einsum("bkgld,sbkld->sbkgl", qg, keys[1:].float()) * scale  # [S-1, B, Hkv, g, L]
+        lse_all = torch.cat([lse_c.view(1, B, Hkv, g, L), d], dim=0).logsumexp(dim=0)  # [B, Hkv, g, L]
+        out = torch.exp(lse_c.view(B, Hkv, g, L) - lse_all)[..., None] * out_c.float().view(B, Hkv, g, L, D)
+        out = out + torch.einsum("sbkgl,sbkld->bkgld", torch.exp(d - lse_all), values[1:].float())
+        out = out.view(B, Hq, L, D).to(q.dtype)
+        lse_all = lse_all.reshape(B, Hq, L)
+
+        ctx.save_for_backward(q, out, lse_all)
+        ctx.keys, ctx.values = keys, values  # by reference: see the module docstring
+        ctx.scale, ctx.segs, ctx.kv0 = scale, segs, (k0, v0)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, out, lse_all = ctx.saved_tensors
+        keys, values = ctx.keys, ctx.values
+        k0, v0 = ctx.kv0
+        S, B, Hkv, L, D = keys.shape
+        Hq = q.shape[1]
+        g = Hq // Hkv
+        scale = ctx.scale
+        dout = dout.to(q.dtype)
+
+        # Causal part: the flash backward fed the merged output and LSE gives exactly this part's
+        # share of the merged attention's gradients (P_ij = exp(s_ij − lse_all), rowsum(dO·O_merged)).
+        dq = torch.empty(B, Hq, L, D, dtype=q.dtype)
+        dk0 = torch.empty(B, Hq, L, D, dtype=keys.dtype)
+        dv0 = torch.empty(B, Hq, L, D, dtype=values.dtype)
+        for b, s0, s1 in ctx.segs:
+            gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                _piece(dout, b, s0, s1).contiguous(), _piece(q, b, s0, s1).contiguous(),
+                _piece(k0, b, s0, s1).contiguous(), _piece(v0, b, s0, s1).contiguous(),
+                _piece(out, b, s0, s1).contiguous(), _piece(lse_all, b, s0, s1).contiguous(),
+                0.0, True, scale=scale)
+            _piece(dq, b, s0, s1).copy_(gq)
+            _piece(dk0, b, s0, s1).copy_(gk)
+            _piece(dv0, b, s0, s1).copy_(gv)
+
+        dk = torch.empty(S, B, Hkv, L, D, dtype=keys.dtype)
+        dv = torch.empty(S, B, Hkv, L, D, dtype=values.dtype)
+        dk[0] = dk0.float().view(B, Hkv, g, L, D).sum(2)
+        dv[0] = dv0.float().view(B, Hkv, g, L, D).sum(2)
+        if S > 1:
+            qg = q.float().view(B, Hkv, g, L, D)
+            dog = dout.float().view(B, Hkv, g, L, D)
+            ks, vs = keys[1:].float(), values[1:].float()
+            delta = (dog * out.float().view(B, Hkv, g, L, D)).sum(-1)  # [B, Hkv, g, L]
+            p = torch.exp(torch.einsum("bkgld,sbkld->sbkgl", qg, ks) * scale - lse_all.view(B, Hkv, g, L))
+            ds = p * (torch.einsum("bkgld,sbkld->sbkgl", dog, vs) - delta)
+            dq = (dq.float() + scale * torch.einsum("sbkgl,sbkld->bkgld", ds, ks).reshape(B, Hq, L, D)).to(q.dtype)
+            dk[1:] = scale * torch.einsum("sbkgl,bkgld->sbkld", ds, qg)
+            dv[1:] = torch.einsum("sbkgl,bkgld->sbkld", p, dog)
+        return dq, dk, dv, None, None
+
+
+# ---------------------------------------------------------------------------------------------------
+def ttt_attention(q, keys, values, doc_ids=None, scale=None, *, backend="auto"):
+    """q [B, Hq, L, D]; keys, values [S, B, Hkv, L, D] (any strides, e.g. a slice of a preallocated
+    buffer); doc_ids [B, L] integer or None, each document one contiguous run per row.
+    Returns [B, Hq, L, D] in q's dtype; differentiable in q, keys and values.
+
+    backend: "auto" (CUDA → Triton, CPU → torch; Triton on CPU tensors only under TRITON_INTERPRET=1
+    when asked for explicitly), "triton", "torch", or "reference" (the dense-mask definition).
+    """
+    _check(q, keys, values, doc_ids)
+    scale = keys.shape[-1] ** -0.5 if scale is None else float(scale)
+    if backend == "auto":
+        if q.is_cuda and triton_available():
+            backend = "triton"
+        elif q.device.type == "cpu":
+            backend = "torch"
+        else:
+            backend = "reference"
+        log_once(f"ttt_attention.{q.device.type}.{backend}",
+                 f"ttt_attention: {backend} path on {q.device.type}"
+                 + (" (no Triton kernel or CPU flash path for this device: dense reference)"
+                    if backend == "reference" else ""))
+    if backend == "reference":
+        return ttt_attention_reference(q, keys, values, doc_ids, scale)
+    if backend == "triton":
+        if triton is None:
+            raise RuntimeError("ttt_attention: backend='triton' needs the triton package")
+        if not q.is_cuda and not interpreting():
+            raise RuntimeError("ttt_attention: Triton on CPU tensors needs TRITON_INTERPRET=1")
+        return _TTTAttentionTriton.apply(q, keys, values, doc_ids, scale)
+    if backend == "torch":
+        if q.device.type != "cpu":
+            raise RuntimeError("ttt_attention: backend='torch' is the CPU path; use 'triton' on CUDA")
+        return _TTTAttentionTorch.apply(q, keys, values, doc_ids, scale)
+    raise ValueError(f"ttt_attention: unknown backend {backend!r}")
