@@ -1,0 +1,1 @@
+"""Chat data: reading, templating with loss masks, draft-vocabulary selection, prepared datasets."""

@@ -1,0 +1,172 @@
+"""The EAGLE-3 draft (DESIGN §3), with tensor names exactly as vLLM and SGLang load them:
+
+    fc                      Linear(3·H_target → H): fuses the three aux hidden states
+    midlayer                one decoder layer whose q/k/v read [input_layernorm(embed(token)), hidden_norm(h)] (2H)
+    norm, lm_head           RMSNorm, Linear(H → V_draft)
+    d2t, t2d                draft↔target vocabulary maps (buffers)
+
+The token embedding is the target's, frozen and not saved. `attend` is a callback so the training
+unroll (TTT attention over several steps) and the inference loop (a KV cache) share the layer.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DraftConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin for integer positions, with whatever rope type the target uses (via transformers)."""
+
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        from transformers import LlamaConfig
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        lc = LlamaConfig(hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
+                         head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings,
+                         rope_parameters=cfg.rope_parameters())
+        rope_type = cfg.rope_parameters()["rope_type"]
+        if rope_type == "default":
+            inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+            self.attention_scaling = 1.0
+        else:
+            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](lc, None)
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[..., None] * self.inv_freq  # [..., T, D/2]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, D]; cos/sin [B, T, D] (rotate-half convention, as Llama)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(2 * cfg.hidden_size, self.nh * self.hd, bias=False)
+        self.k_proj = nn.Linear(2 * cfg.hidden_size, self.nkv * self.hd, bias=False)
+        self.v_proj = nn.Linear(2 * cfg.hidden_size, self.nkv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B, T, 2H] -> q [B, nh, T, hd], k and v [B, nkv, T, hd], RoPE applied to q and k."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        if cfg.hidden_act != "silu":
+            raise ValueError(f"draft MLP supports hidden_act 'silu', not {cfg.hidden_act!r}")
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+        self.norm_before_residual = cfg.norm_before_residual
+
+    def forward(self, emb, h, cos, sin, attend):
+        """emb, h [B, T, H]; attend(q, k, v) -> [B, nh, T, hd]. Returns the new hidden state (pre-`norm`)."""
+        hn = self.hidden_norm(h)
+        residual = hn if self.norm_before_residual else h
+        x = torch.cat([self.input_layernorm(emb), hn], dim=-1)
+        q, k, v = self.self_attn.qkv(x, cos, sin)
+        a = attend(q, k, v)
+        B, _, T, _ = a.shape
+        h = residual + self.self_attn.o_proj(a.transpose(1, 2).reshape(B, T, -1))
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Eagle3Draft(nn.Module):
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        self.config = cfg
+        self.fc = nn.Linear(3 * cfg.target_hidden_size, cfg.hidden_size, bias=False)
+        self.midlayer = DecoderLayer(cfg)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.draft_vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(cfg)
+        self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.int64))
+        self.register_buffer("t2d", torch.zeros(cfg.vocab_size, dtype=torch.bool))
+        # The target's embeddings, frozen and shared: not a parameter, not saved.
+        self.register_buffer("embed_tokens", torch.zeros(0), persistent=False)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+
+    def set_vocab(self, draft_ids: torch.Tensor) -> None:
+        ids = draft_ids.to(torch.int64).to(self.d2t.device)
+        if ids.numel() != self.config.draft_vocab_size or bool((ids[1:] <= ids[:-1]).any()):
+            raise ValueError("draft ids must be strictly ascending, one per draft-vocabulary slot")
+        self.d2t.copy_(ids - torch.arange(ids.numel(), device=ids.device))
+        self.t2d.zero_()
+        self.t2d[ids] = True
+
+    @property
+    def draft_ids(self) -> torch.Tensor:
+        return self.d2t + torch.arange(self.d2t.numel(), device=self.d2t.device)
+
+    def attach_target(self, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor | None = None,
+                      final_norm_weight: torch.Tensor | None = None) -> None:
+        """Share the target's frozen embeddings; optionally start lm_head and norm from the target's
+        own rows (a far better start than random for a short run)."""
+        self.embed_tokens = embed_weight.detach()
+        with torch.no_grad():
+            if lm_head_weight is not None:
+                self.lm_head.weight.copy_(lm_head_weight[self.draft_ids.to(lm_head_weight.device)])
+            if final_norm_weight is not None:
+                self.norm.weight.copy_(final_norm_weight)
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if self.embed_tokens.numel() == 0:
+            raise RuntimeError("draft has no token embeddings: call attach_target(target.embed_weight()) first")
+        return F.embedding(token_ids, self.embed_tokens).to(self.fc.weight.dtype)
+
+    def step(self, token_ids, h, positions, attend):
+        """One draft step: token_ids, positions [B, T]; h [B, T, H] (fc output, or the previous step's
+        hidden state). Returns the new hidden state [B, T, H] before `norm`."""
+        cos, sin = self.rotary(positions, h.dtype)
+        return self.midlayer(self.embed(token_ids), h, cos, sin, attend)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(h))
+
+    def trainable_state_dict(self) -> dict:
+        return {k: v for k, v in self.state_dict().items() if k != "embed_tokens"}
