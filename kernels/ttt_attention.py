@@ -387,9 +387,11 @@ def _launch(kernel, grid_of, args, consts, fwd_block_kind, D, interpret):
 
 
 def _dot_precision(dtype):
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    """fp32 operands: exact unless torch allows TF32 matmuls. fp16/bf16 operands: "tf32" is Triton's
+    default and has no effect on them."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
 
 
 class _TTTAttentionTriton(torch.autograd.Function):
@@ -464,6 +466,33 @@ def _piece(x, b, s0, s1):
     return x[:, :, s0:s1]
 
 
+def _flash_causal_fwd(q, k, v, segs, scale):
+    """Causal flash attention of each segment on its own: (out [B, H, L, D], lse [B, H, L] fp32)."""
+    fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if len(segs) == 1 and segs[0][0] is None:
+        return fwd(q, k, v, 0.0, True, scale=scale)
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32)
+    for b, s0, s1 in segs:
+        o, m = fwd(*(_piece(x, b, s0, s1).contiguous() for x in (q, k, v)), 0.0, True, scale=scale)
+        _piece(out, b, s0, s1).copy_(o)
+        _piece(lse, b, s0, s1).copy_(m)
+    return out, lse
+
+
+def _flash_causal_bwd(dout, q, k, v, out, lse, segs, scale):
+    """(dq, dk, dv) of each segment's causal flash attention, given the output and LSE to use."""
+    bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    if len(segs) == 1 and segs[0][0] is None:
+        return bwd(dout.contiguous(), q, k, v, out, lse, 0.0, True, scale=scale)
+    grads = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    for b, s0, s1 in segs:
+        pieces = (_piece(x, b, s0, s1).contiguous() for x in (dout, q, k, v, out, lse))
+        for grad, g in zip(grads, bwd(*pieces, 0.0, True, scale=scale)):
+            _piece(grad, b, s0, s1).copy_(g)
+    return grads
+
+
 class _TTTAttentionTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, keys, values, doc_ids, scale):
@@ -474,65 +503,48 @@ class _TTTAttentionTorch(torch.autograd.Function):
         # Expanded step-0 heads: older torch's CPU flash kernel has no GQA. O(L) memory.
         k0 = keys[0].repeat_interleave(g, dim=1)
         v0 = values[0].repeat_interleave(g, dim=1)
-        out_c = torch.empty(B, Hq, L, D, dtype=q.dtype)
-        lse_c = torch.empty(B, Hq, L, dtype=torch.float32)
-        for b, s0, s1 in segs:
-            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                _piece(q, b, s0, s1).contiguous(), _piece(k0, b, s0, s1).contiguous(),
-                _piece(v0, b, s0, s1).contiguous(), 0.0, True, scale=scale)
-            _piece(out_c, b, s0, s1).copy_(o)
-            _piece(lse_c, b, s0, s1).copy_(lse)
+        out_c, lse_c = _flash_causal_fwd(q, k0, v0, segs, scale)
 
         # Merge with the diagonal terms through the LSE; head index h = hk·g + j.
-        qg = q.float().view(B, Hkv, g, L, D)
+        qg = q.float().reshape(B, Hkv, g, L, D)
         d = torch.einsum("bkgld,sbkld->sbkgl", qg, keys[1:].float()) * scale  # [S-1, B, Hkv, g, L]
-        lse_all = torch.cat([lse_c.view(1, B, Hkv, g, L), d], dim=0).logsumexp(dim=0)  # [B, Hkv, g, L]
-        out = torch.exp(lse_c.view(B, Hkv, g, L) - lse_all)[..., None] * out_c.float().view(B, Hkv, g, L, D)
+        lse_all = torch.cat([lse_c.reshape(1, B, Hkv, g, L), d], dim=0).logsumexp(dim=0)  # [B, Hkv, g, L]
+        out = torch.exp(lse_c.reshape(B, Hkv, g, L) - lse_all)[..., None] * out_c.float().reshape(B, Hkv, g, L, D)
         out = out + torch.einsum("sbkgl,sbkld->bkgld", torch.exp(d - lse_all), values[1:].float())
-        out = out.view(B, Hq, L, D).to(q.dtype)
+        out = out.reshape(B, Hq, L, D).to(q.dtype)
         lse_all = lse_all.reshape(B, Hq, L)
 
         ctx.save_for_backward(q, out, lse_all)
         ctx.keys, ctx.values = keys, values  # by reference: see the module docstring
-        ctx.scale, ctx.segs, ctx.kv0 = scale, segs, (k0, v0)
+        ctx.scale, ctx.segs = scale, segs
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, out, lse_all = ctx.saved_tensors
         keys, values = ctx.keys, ctx.values
-        k0, v0 = ctx.kv0
         S, B, Hkv, L, D = keys.shape
         Hq = q.shape[1]
         g = Hq // Hkv
         scale = ctx.scale
         dout = dout.to(q.dtype)
+        k0 = keys[0].repeat_interleave(g, dim=1)  # rebuilt rather than held across the TTT steps
+        v0 = values[0].repeat_interleave(g, dim=1)
 
         # Causal part: the flash backward fed the merged output and LSE gives exactly this part's
         # share of the merged attention's gradients (P_ij = exp(s_ij − lse_all), rowsum(dO·O_merged)).
-        dq = torch.empty(B, Hq, L, D, dtype=q.dtype)
-        dk0 = torch.empty(B, Hq, L, D, dtype=keys.dtype)
-        dv0 = torch.empty(B, Hq, L, D, dtype=values.dtype)
-        for b, s0, s1 in ctx.segs:
-            gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                _piece(dout, b, s0, s1).contiguous(), _piece(q, b, s0, s1).contiguous(),
-                _piece(k0, b, s0, s1).contiguous(), _piece(v0, b, s0, s1).contiguous(),
-                _piece(out, b, s0, s1).contiguous(), _piece(lse_all, b, s0, s1).contiguous(),
-                0.0, True, scale=scale)
-            _piece(dq, b, s0, s1).copy_(gq)
-            _piece(dk0, b, s0, s1).copy_(gk)
-            _piece(dv0, b, s0, s1).copy_(gv)
+        dq, dk0, dv0 = _flash_causal_bwd(dout, q, k0, v0, out, lse_all, ctx.segs, scale)
 
         dk = torch.empty(S, B, Hkv, L, D, dtype=keys.dtype)
         dv = torch.empty(S, B, Hkv, L, D, dtype=values.dtype)
-        dk[0] = dk0.float().view(B, Hkv, g, L, D).sum(2)
-        dv[0] = dv0.float().view(B, Hkv, g, L, D).sum(2)
+        dk[0] = dk0.float().reshape(B, Hkv, g, L, D).sum(2)
+        dv[0] = dv0.float().reshape(B, Hkv, g, L, D).sum(2)
         if S > 1:
-            qg = q.float().view(B, Hkv, g, L, D)
-            dog = dout.float().view(B, Hkv, g, L, D)
+            qg = q.float().reshape(B, Hkv, g, L, D)
+            dog = dout.float().reshape(B, Hkv, g, L, D)
             ks, vs = keys[1:].float(), values[1:].float()
-            delta = (dog * out.float().view(B, Hkv, g, L, D)).sum(-1)  # [B, Hkv, g, L]
-            p = torch.exp(torch.einsum("bkgld,sbkld->sbkgl", qg, ks) * scale - lse_all.view(B, Hkv, g, L))
+            delta = (dog * out.float().reshape(B, Hkv, g, L, D)).sum(-1)  # [B, Hkv, g, L]
+            p = torch.exp(torch.einsum("bkgld,sbkld->sbkgl", qg, ks) * scale - lse_all.reshape(B, Hkv, g, L))
             ds = p * (torch.einsum("bkgld,sbkld->sbkgl", dog, vs) - delta)
             dq = (dq.float() + scale * torch.einsum("sbkgl,sbkld->bkgld", ds, ks).reshape(B, Hq, L, D)).to(q.dtype)
             dk[1:] = scale * torch.einsum("sbkgl,bkgld->sbkld", ds, qg)

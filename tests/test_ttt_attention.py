@@ -30,7 +30,7 @@ def strided_kv(S, B, Hkv, L, D, dtype):
 
 
 def run_and_compare(backend, S, B, Hq, Hkv, L, D, n_docs, dtype, scale=None):
-    q = torch.randn(B, Hq, L, D, dtype=dtype).requires_grad_()
+    q = torch.randn(B, L, Hq, D, dtype=dtype).transpose(1, 2).requires_grad_()  # a projection's layout
     keys = strided_kv(S, B, Hkv, L, D, dtype).requires_grad_()
     values = strided_kv(S, B, Hkv, L, D, dtype).requires_grad_()
     assert not keys.is_contiguous()
