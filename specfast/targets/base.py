@@ -53,6 +53,10 @@ class TargetModel(ABC):
     def embed_weight(self) -> torch.Tensor:
         """[V_target, H] input embeddings (frozen; the draft shares them)."""
 
+    def final_norm_weight(self) -> torch.Tensor | None:
+        """The final norm's weight, if the model has a plain RMSNorm there (to initialise the draft's)."""
+        return None
+
     @property
     def device(self) -> torch.device:
         return self.lm_head_weight().device

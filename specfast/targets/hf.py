@@ -61,6 +61,11 @@ class HFTarget(TargetModel):
     def embed_weight(self) -> torch.Tensor:
         return self.model.get_input_embeddings().weight
 
+    def final_norm_weight(self) -> torch.Tensor | None:
+        norm = getattr(self.model.base_model, "norm", None)
+        w = getattr(norm, "weight", None)
+        return w if isinstance(w, torch.Tensor) and w.shape == (self.hidden_size,) else None
+
     @torch.no_grad()
     def forward_packed(self, input_ids: torch.Tensor, doc_ids: torch.Tensor) -> PackedTargetOutput:
         input_ids = input_ids.to(self.device)

@@ -1,0 +1,3 @@
+from specfast.cli import main
+
+raise SystemExit(main())

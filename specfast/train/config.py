@@ -1,0 +1,118 @@
+"""TrainConfig: every knob of `specfast train`, from defaults, a YAML file, then command-line flags."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""  # a prepared dataset folder (specfast prepare) or a shard folder (specfast capture)
+    target: str = "smollm2"  # a local Hugging Face folder, or an embedded name
+    out: str = "runs/draft"
+    ttt_steps: int = 7
+    batch_tokens: int = 2048  # token budget of one packed row (longer samples are cut to it)
+    grad_accum: int = 1
+    max_steps: int = 1000
+    max_minutes: float = 0.0  # stop (and save) after this much training time; 0 = no limit
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 0.5
+    seed: int = 0
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    init_from_target: bool = False  # start lm_head and norm from the target's own weights
+    aux_layer_ids: str = ""  # comma-separated 0-based layer outputs; empty = EAGLE-3 default
+    tensorboard: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(f"config: {msg}")
+
+        need(self.data, "data is required (a `specfast prepare` output folder)")
+        need(self.ttt_steps >= 1, f"ttt_steps must be ≥ 1, not {self.ttt_steps}")
+        need(self.batch_tokens >= 16, f"batch_tokens must be ≥ 16, not {self.batch_tokens}")
+        need(self.grad_accum >= 1, f"grad_accum must be ≥ 1, not {self.grad_accum}")
+        need(self.max_steps >= 1, f"max_steps must be ≥ 1, not {self.max_steps}")
+        need(self.lr > 0, f"lr must be > 0, not {self.lr}")
+        need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], not {self.min_lr_ratio}")
+        need(self.warmup_steps >= 0, "warmup_steps must be ≥ 0")
+        need(self.save_every >= 1, "save_every must be ≥ 1")
+        need(self.keep_checkpoints >= 1, "keep_checkpoints must be ≥ 1")
+        self.parsed_aux_layer_ids()
+
+    def parsed_aux_layer_ids(self) -> list[int] | None:
+        if not self.aux_layer_ids:
+            return None
+        try:
+            ids = [int(x) for x in str(self.aux_layer_ids).split(",")]
+        except ValueError:
+            raise ValueError(f"config: aux_layer_ids {self.aux_layer_ids!r} is not a comma-separated list of ints") from None
+        if len(ids) != 3:
+            raise ValueError(f"config: aux_layer_ids needs 3 ids, got {ids}")
+        return ids
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such config file")
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ValueError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a mapping of config keys")
+    known = {f.name for f in fields(TrainConfig)}
+    for key in d:
+        if key not in known:
+            raise ValueError(f"{path}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+    return d
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field (`--batch-tokens`, `--no-tensorboard`); unset flags leave YAML values alone."""
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"(default: {default})")
+        else:
+            parser.add_argument(flag, dest=f.name, type=type(default), default=None, metavar=f.name.upper(),
+                                help=f"(default: {default!r})")
+
+
+def build_config(args: argparse.Namespace, config_path: str | None) -> TrainConfig:
+    values = load_yaml(config_path) if config_path else {}
+    for f in fields(TrainConfig):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = v
+    try:
+        cfg = TrainConfig(**values)
+    except TypeError as e:
+        raise ValueError(f"config: {e}") from None
+    for f in fields(TrainConfig):  # YAML may give an int where a float is wanted, etc.
+        v = getattr(cfg, f.name)
+        if f.type in ("float",) and isinstance(v, int) and not isinstance(v, bool):
+            setattr(cfg, f.name, float(v))
+        elif f.type in ("int", "float", "bool", "str") and not isinstance(v, {"int": int, "float": float, "bool": bool, "str": str}[f.type]):
+            raise ValueError(f"config: {f.name} must be {f.type}, got {v!r}")
+    cfg.validate()
+    return cfg
