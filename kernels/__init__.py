@@ -5,8 +5,10 @@ an efficient PyTorch path on CPU), and tests holding the fast path to the refere
 """
 from .pruned_vocab_loss import pruned_vocab_loss, pruned_vocab_loss_reference
 from .ttt_attention import ttt_attention, ttt_attention_reference
+from .vocab_argmax import full_vocab_argmax
 
 __all__ = [
+    "full_vocab_argmax",
     "pruned_vocab_loss",
     "pruned_vocab_loss_reference",
     "ttt_attention",
