@@ -55,8 +55,8 @@ def tokenize_conversation(tokenizer, messages: list[dict], template: str | None 
     ids = np.asarray(enc["input_ids"], dtype=np.int32)
     offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
     mask = np.zeros(len(ids), dtype=bool)
-    starts, ends = offsets[:, 0], offsets[:, 1]
+    starts = offsets[:, 0]
     for a, b in spans:
-        # A token belongs to the answer if it lies inside the span (zero-width tokens by their start).
-        mask |= (starts >= a) & (starts < b) & (ends <= b + 1)
+        # A token belongs to the answer if it begins inside it: that is a token the assistant generates.
+        mask |= (starts >= a) & (starts < b)
     return Tokenized(ids, mask)

@@ -36,7 +36,7 @@ def rng_state() -> dict:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": np.random.get_state()[1].copy(),
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),  # tensors load with weights_only
         "numpy_pos": int(np.random.get_state()[2]),
         "python": repr(random.getstate()),
     }
@@ -46,7 +46,7 @@ def set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
     if torch.cuda.is_available() and s["cuda"]:
         torch.cuda.set_rng_state_all(s["cuda"])
-    np.random.set_state(("MT19937", s["numpy"], s["numpy_pos"], 0, 0.0))
+    np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"], 0, 0.0))
     import ast
 
     version, state, gauss = ast.literal_eval(s["python"])
