@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "file_io.h"
+#include "finite.h"
 #include "reader.h"
 #include "schedule.h"
 #include "writer.h"
@@ -263,6 +264,17 @@ PYBIND11_MODULE(_shardio, m) {
       },
       py::arg("path"), py::arg("parts"),
       "Crash-safe write of buffers / zero-padding ints; returns (size, xxh64).");
+  m.def(
+      "first_nonfinite",
+      [](py::buffer data, const std::string& dtype) {
+        HeldBuffer b(data, false, "data");
+        const size_t item = dtype == "F32" ? 4 : 2;
+        if (b.size() % item) throw py::value_error("buffer size is not a multiple of the dtype size");
+        py::gil_scoped_release nogil;
+        return first_nonfinite(b.data(), b.size() / item, dtype);
+      },
+      py::arg("data"), py::arg("dtype"),
+      "Index of the first NaN/inf element of a BF16/F16/F32 buffer, or -1.");
   m.def("temp_path_for", &temp_path_for, py::arg("path"));
   m.def(
       "permutation",

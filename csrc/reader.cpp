@@ -220,7 +220,7 @@ void Reader::read_fields(const Job& job, bool direct, uint8_t* bounce) {
         while (len > 0) {
           size_t want = (skip + len + kAlign - 1) & ~(kAlign - 1);
           if (want > kBounce) want = kBounce;
-          const size_t got = pread_full(f.fd, bounce, want, pos, sh.path);
+          const size_t got = pread_once(f.fd, bounce, want, pos, sh.path);
           const size_t avail = got > skip ? got - skip : 0;
           const size_t take = avail < len ? avail : len;
           if (take == 0) throw truncated(end);
@@ -228,7 +228,7 @@ void Reader::read_fields(const Job& job, bool direct, uint8_t* bounce) {
           if (verify_) hash.update(dst, take);
           dst += take;
           len -= take;
-          if (len > 0 && got < want) throw truncated(end);
+          if (len > 0 && got < want) throw truncated(end);  // a short O_DIRECT read is EOF
           pos += static_cast<int64_t>(want);
           skip = 0;
         }

@@ -291,6 +291,9 @@ def _load_manifest(directory: Path) -> dict:
         raise bad("layout must have alignment 4096 and checksum 'xxh64'")
     if layout.get("index_dtype") not in INDEX_DTYPES:
         raise bad(f"layout index_dtype must be one of {sorted(INDEX_DTYPES)}")
+    st = layout.get("shard_tokens")
+    if st is not None and (not isinstance(st, int) or isinstance(st, bool) or st < 1):
+        raise bad(f"layout shard_tokens must be a positive int or null, got {st!r}")
     fields = layout.get("fields")
     if fields is not None:
         with_argmax = isinstance(fields, dict) and "target_argmax" in fields
@@ -591,7 +594,7 @@ def _as_tensor(x: Any, where: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.detach()
     if isinstance(x, np.ndarray):
-        return torch.from_numpy(x)
+        return torch.from_numpy(np.ascontiguousarray(x))  # torch refuses negative strides
     raise ValueError(f"{where}: expected a numpy array or torch tensor, got {type(x).__name__}")
 
 
@@ -689,6 +692,7 @@ class ShardDataset:
         self.sample_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
         self._sample_base = np.cumsum([0] + [len(s.checksums) for s in self._shards])
         self._native_single: Any = None
+        self._host_buffers: dict[tuple[int, bool], _HostBuffers] = {}
 
     @property
     def capture(self) -> dict:
@@ -724,6 +728,8 @@ class ShardDataset:
         with open(path, "rb") as f:
             fd = f.fileno()
             prefix = os.pread(fd, 8, 0)
+            if len(prefix) < 8:
+                raise ShardError(f"{path}: damaged header: the file is only {size} bytes")
             (hlen,) = struct.unpack("<Q", prefix)
             if hlen > min(size - 8, _MAX_HEADER):
                 raise ShardError(f"{path}: damaged header: header length {hlen} does not fit "
@@ -791,6 +797,16 @@ class ShardDataset:
             [str(s.path) for s in self._shards], [s.field_offsets for s in self._shards],
             [s.token_offsets for s in self._shards], [s.checksums for s in self._shards],
             [f.bytes_per_token for f in self.fields], num_threads, verify, o_direct)
+
+    def host_buffers(self, nbytes: int, pin_memory: bool, keep: int) -> _HostBuffers:
+        """Batch buffers shared by this dataset's readers, so the next epoch's reader reuses
+        memory the last one already faulted in."""
+        key = (nbytes, pin_memory)
+        if key not in self._host_buffers:
+            self._host_buffers[key] = _HostBuffers(nbytes, pin_memory, keep)
+        pool = self._host_buffers[key]
+        pool.keep = max(pool.keep, keep)
+        return pool
 
     def read_sample(self, i: int, verify: bool = True) -> dict[str, torch.Tensor]:
         """Sample i as CPU tensors in the stored dtypes, checksum-verified."""
@@ -902,7 +918,8 @@ class ShardReader:
         self._fields = dataset.fields
         self._slot_offsets = np.cumsum(
             [0] + [_round_up(self.token_budget * f.bytes_per_token) for f in self._fields])
-        self._buffers = _HostBuffers(int(self._slot_offsets[-1]), pin_memory, keep=prefetch + 2)
+        self._buffers = dataset.host_buffers(int(self._slot_offsets[-1]), pin_memory,
+                                             keep=prefetch + 2)
         self._pin = pin_memory
         self._prefetch = int(prefetch)
         self._native = dataset.native_reader(int(num_threads), verify, o_direct)
