@@ -290,9 +290,9 @@ if triton is not None:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
 
-        # Queries that can see this key block: from the block itself to the end of the document of
-        # its last key.
-        lo = ((pid_n * BLOCK_N) // BLOCK_M) * BLOCK_M
+        # Queries that can see this key block: from its first key's row to the end of the document of
+        # its last key (query tiles need not align with key tiles: loads are masked per row).
+        lo = pid_n * BLOCK_N
         if HAS_DOCS:
             hi = tl.load(End + b * L + tl.minimum(pid_n * BLOCK_N + BLOCK_N, L) - 1)
         else:
@@ -356,34 +356,49 @@ if triton is not None:
             tl.store(DV + s_idx * step + out_base, dvs.to(DV.dtype.element_ty), mask=cd_mask)
 
 
-def _blocks(D, interpret):
-    """(fwd BLOCK_M, BLOCK_N, dq BLOCK_M, BLOCK_N, dkdv BLOCK_M, BLOCK_N, num_warps, num_stages)."""
-    if interpret:  # every program runs in Python: small tiles keep the tests fast and multi-tile
-        return 16, 16, 16, 16, 16, 16, 1, 1
-    if D <= 64:
-        return 128, 64, 64, 64, 64, 64, 4, 3
-    return 128, 64, 64, 64, 64, 64, 8, 2
-
-
-_SMALL_BLOCKS = (64, 32, 32, 32, 32, 32, 4, 1)  # retried once if a GPU lacks shared memory for the above
+# Tiles per kernel: (BLOCK_M query rows, BLOCK_N key rows, num_warps, num_stages). Chosen by compiling
+# for sm_90 with Triton 3.9's ptxas and reading register use (the slow test in
+# tests/test_ttt_attention.py repeats it): the 16-bit entries spill at most 16 bytes and fit 99 KiB
+# of shared memory; fp32 operands (exact "ieee" dots run on FMA units, not tensor cores) need small
+# tiles to avoid heavy spilling. Not yet timed on a GPU.
+_TILES_16BIT = {
+    64: {"fwd": (128, 64, 8, 3), "dq": (64, 64, 8, 3), "dkdv": (64, 64, 8, 3)},
+    128: {"fwd": (128, 64, 8, 2), "dq": (64, 64, 8, 2), "dkdv": (64, 32, 8, 2)},
+}
+_TILES_FP32 = {
+    64: {"fwd": (32, 32, 4, 2), "dq": (32, 32, 4, 2), "dkdv": (32, 32, 8, 2)},
+    128: {"fwd": (32, 32, 4, 2), "dq": (32, 32, 4, 2), "dkdv": (32, 32, 8, 2)},
+}
+# Head dims above 128, and the retry when a GPU lacks shared memory for the tables above.
+_TILES_SMALL = {"16bit": (32, 32, 8, 1), "fp32": (16, 16, 8, 1)}
+# Under the interpreter every program runs in Python: small tiles keep tests fast and multi-tile, and
+# unequal BLOCK_M / BLOCK_N both ways exercise the tile-range arithmetic as the GPU tables do.
+_TILES_INTERPRET = {"fwd": (32, 16, 1, 1), "dq": (16, 32, 1, 1), "dkdv": (32, 16, 1, 1)}
 _use_small = False
 
 
-def _launch(kernel, grid_of, args, consts, fwd_block_kind, D, interpret):
-    """Launch with the per-D tile table; on OutOfResources (a GPU with less shared memory) fall back
-    to small tiles for the rest of the process."""
+def _tiles(kind, dtype, D, interpret):
+    if interpret:
+        return _TILES_INTERPRET[kind]
+    if _use_small or D > 128:
+        return _TILES_SMALL["fp32" if dtype == torch.float32 else "16bit"]
+    table = _TILES_FP32 if dtype == torch.float32 else _TILES_16BIT
+    return table[64 if D <= 64 else 128][kind]
+
+
+def _launch(kernel, kind, grid_of, args, consts, dtype, D, interpret):
+    """Launch with the tile table; on OutOfResources (a GPU with less shared memory than an H100)
+    retry with small tiles, and keep them for the rest of the process."""
     global _use_small
-    table = _SMALL_BLOCKS if _use_small else _blocks(D, interpret)
-    bm, bn = {"fwd": table[0:2], "dq": table[2:4], "dkdv": table[4:6]}[fwd_block_kind]
+    bm, bn, warps, stages = _tiles(kind, dtype, D, interpret)
     try:
-        kernel[grid_of(bm, bn)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn,
-                                num_warps=table[6], num_stages=table[7])
+        kernel[grid_of(bm, bn)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
     except OutOfResources:
         if _use_small or interpret:
             raise
         _use_small = True
-        log_once("ttt_attention.small_tiles", "ttt_attention: GPU lacks shared memory for the default tiles; using 64x32")
-        _launch(kernel, grid_of, args, consts, fwd_block_kind, D, interpret)
+        log_once("ttt_attention.small_tiles", "ttt_attention: GPU lacks shared memory for the default tiles; using small ones")
+        _launch(kernel, kind, grid_of, args, consts, dtype, D, interpret)
 
 
 def _dot_precision(dtype):
@@ -412,7 +427,7 @@ class _TTTAttentionTriton(torch.autograd.Function):
         args = (q, keys, values, out, lse, start,
                 *q.stride(), *keys.stride(), *values.stride(), *out.stride(),
                 S, Hq, L, D, Hq // Hkv, scale * _LOG2E)
-        _launch(_ttt_fwd_kernel, lambda bm, bn: (triton.cdiv(L, bm), B * Hq), args, consts, "fwd", D, interpret)
+        _launch(_ttt_fwd_kernel, "fwd", lambda bm, bn: (triton.cdiv(L, bm), B * Hq), args, consts, q.dtype, D, interpret)
 
         ctx.save_for_backward(q, out, lse, start, end)
         ctx.keys, ctx.values = keys, values  # by reference: see the module docstring
@@ -434,14 +449,14 @@ class _TTTAttentionTriton(torch.autograd.Function):
         consts = dict(HAS_DOCS=ctx.has_docs, UPCAST=interpret, DOT_PREC=_dot_precision(q.dtype),
                       BLOCK_D=max(16, triton.next_power_of_2(D)))
         strides = (*q.stride(), *keys.stride(), *values.stride(), *dout.stride())
-        _launch(_ttt_bwd_dq_kernel, lambda bm, bn: (triton.cdiv(L, bm), B * Hq),
+        _launch(_ttt_bwd_dq_kernel, "dq", lambda bm, bn: (triton.cdiv(L, bm), B * Hq),
                 (q, keys, values, dout, dq, lse, delta, start, *strides,
                  S, Hq, L, D, Hq // Hkv, scale, scale * _LOG2E),
-                consts, "dq", D, interpret)
-        _launch(_ttt_bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(L, bn), B * Hkv),
+                consts, q.dtype, D, interpret)
+        _launch(_ttt_bwd_dkdv_kernel, "dkdv", lambda bm, bn: (triton.cdiv(L, bn), B * Hkv),
                 (q, keys, values, dout, dk, dv, lse, delta, start, end, *strides,
                  S, B, Hkv, L, D, Hq // Hkv, scale, scale * _LOG2E),
-                consts, "dkdv", D, interpret)
+                consts, q.dtype, D, interpret)
         return dq, dk, dv, None, None
 
 

@@ -146,3 +146,65 @@ def test_auto_dispatch_on_cpu_says_torch_path(caplog):
     torch.testing.assert_close(out, ttt_attention(q, keys, values, backend="torch"))
     said = [r.getMessage() for r in caplog.records if "ttt_attention" in r.getMessage()]
     assert len(said) == 1 and "torch path on cpu" in said[0]  # once, not per call
+
+
+# Compiles the three kernels for an H100 (sm_90) with the ptxas that ships in the Triton wheel, no GPU
+# needed, as the JIT would specialise them for contiguous 16-byte-aligned bf16 tensors, and reads the
+# register spills and shared memory of each tile choice. Run in a subprocess: the kernels in this
+# process were defined for the interpreter.
+_COMPILE_FOR_SM90 = r'''
+import importlib, json, os, subprocess, tempfile, sys
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+m = importlib.import_module("kernels.ttt_attention")
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+kernels = {"fwd": m._ttt_fwd_kernel, "dq": m._ttt_bwd_dq_kernel, "dkdv": m._ttt_bwd_dkdv_kernel}
+result = []
+for D in (64, 128):
+    for kind, fn in kernels.items():
+        bm, bn, warps, stages = m._tiles(kind, torch.bfloat16, D, False)
+        consts = dict(HAS_DOCS=True, UPCAST=False, DOT_PREC="tf32", BLOCK_D=D, BLOCK_M=bm, BLOCK_N=bn)
+        sig, attrs = {}, {}
+        for i, n in enumerate(fn.arg_names):
+            if n in consts or n.endswith("_d"):  # unit strides are specialised to 1 by the JIT
+                consts.setdefault(n, 1)
+                sig[n] = "constexpr"
+            elif n in ("Q", "K", "V", "DO", "Out", "DQ", "DK", "DV", "Lse", "Delta", "Start", "End"):
+                sig[n] = {"Lse": "*fp32", "Delta": "*fp32", "Start": "*i32", "End": "*i32"}.get(n, "*bf16")
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            elif n in ("scale", "scale_log2"):
+                sig[n] = "fp32"
+            else:
+                sig[n] = "i32"
+                if (n.startswith("s") and n != "S") or n == "D":  # head dim and strides: multiples of 16
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        src = ASTSource(fn=fn, signature=sig, attrs=attrs,
+                        constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"]); f.flush()
+            usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        stack = int(usage.split("STACK:")[1].split()[0])
+        result.append(dict(D=D, kind=kind, shared=k.metadata.shared, stack=stack))
+print(json.dumps(result))
+'''
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_sm90_without_heavy_spills():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    triton = pytest.importorskip("triton")
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this Triton wheel ships no ptxas")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": root}
+    res = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], capture_output=True, text=True, env=env, cwd=root)
+    assert res.returncode == 0, res.stderr[-2000:]
+    for r in json.loads(res.stdout.strip().splitlines()[-1]):
+        assert r["shared"] <= 99 * 1024, r  # fits every GPU since Ampere, not only the H100's 227 KiB
+        assert r["stack"] <= 128, r  # a few spilled registers at most
