@@ -10,17 +10,20 @@ from specfast.ttt import PackedBatch
 
 
 class TokenBudgetSampler:
-    def __init__(self, lengths: np.ndarray, budget: int, seed: int):
-        if len(lengths) == 0:
-            raise ValueError("no samples to train on")
+    """`eligible`: indices of the samples to draw from (default all)."""
+
+    def __init__(self, lengths: np.ndarray, budget: int, seed: int, eligible: np.ndarray | None = None):
         self.lengths = np.minimum(np.asarray(lengths), budget)
+        self.eligible = np.arange(len(lengths)) if eligible is None else np.asarray(eligible)
+        if len(self.eligible) == 0:
+            raise ValueError("no samples to train on")
         self.budget, self.seed = budget, seed
         self.epoch, self.cursor = 0, 0
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> np.ndarray:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.lengths), generator=g).numpy()
+        return self.eligible[torch.randperm(len(self.eligible), generator=g).numpy()]
 
     def next_indices(self) -> list[int]:
         if self.cursor >= len(self._order):
@@ -57,12 +60,27 @@ def pack(samples: list[tuple[torch.Tensor, torch.Tensor]], budget: int):
     return torch.cat(ids), torch.cat(labels), doc_ids, positions
 
 
+def supervised_within(data, budget: int) -> np.ndarray:
+    """Samples with at least one supervised token in their first `budget` tokens (the rest would only
+    cost a target forward: a long prompt cut to the budget can lose its whole answer)."""
+    labels = np.concatenate([[0], np.cumsum(data.loss_mask.numpy(), dtype=np.int64)])
+    starts = data.offsets[:-1].numpy()
+    ends = np.minimum(data.offsets[1:].numpy(), starts + budget)
+    keep = np.nonzero(labels[ends] - labels[starts] > 0)[0]
+    if len(keep) < len(starts):
+        import logging
+
+        logging.getLogger("specfast").info("%d of %d samples have no assistant token within %d tokens; skipped",
+                                           len(starts) - len(keep), len(starts), budget)
+    return keep
+
+
 class OnlineBatches:
     """Batches whose hidden states come from running the target inside the training step."""
 
     def __init__(self, data, target, budget: int, seed: int, device: torch.device):
         self.data, self.target, self.budget, self.device = data, target, budget, device
-        self.sampler = TokenBudgetSampler(data.lengths(), budget, seed)
+        self.sampler = TokenBudgetSampler(data.lengths(), budget, seed, supervised_within(data, budget))
         self.draft_ids = data.vocab.draft_ids.to(device)
         self.t2d = data.vocab.t2d.to(device)
 
