@@ -117,15 +117,18 @@ class _ChunkedPrunedVocabLoss(torch.autograd.Function):
         for t0 in range(0, T, C):
             rows = slice(t0, min(T, t0 + C))
             z = hidden[rows].float() @ w.t()
-            t = teacher[rows].to(torch.float32, copy=True)  # modified in place below: never the caller's
-            # argmax on the raw values: subtracting the lse first could round two logits into a tie
-            correct[rows] = z.argmax(-1) == t.argmax(-1)
-            lse_d[rows] = torch.logsumexp(z, -1)
-            lse_t[rows] = torch.logsumexp(t, -1)
-            logp = z.sub_(lse_d[rows, None])
-            p = t.sub_(lse_t[rows, None]).exp_()
-            per_token[rows] = -(p.mul_(logp)).sum(-1)
-            del z, t, logp, p
+            t = teacher[rows].to(torch.float32, copy=True)  # exponentiated in place: never the caller's
+            # max and argmax in one pass, on the raw values (ties → lowest index)
+            m_d, i_d = z.max(-1)
+            m_t, i_t = t.max(-1)
+            correct[rows] = i_d == i_t
+            e_t = t.sub_(m_t[:, None]).exp_()
+            s_t = e_t.sum(-1)
+            lse_t[rows] = m_t + s_t.log()
+            expected_logit = torch.linalg.vecdot(e_t, z) / s_t  # Σ_v softmax(teacher)_v · logit_v
+            lse_d[rows] = m_d + z.sub_(m_d[:, None]).exp_().sum(-1).log()
+            per_token[rows] = lse_d[rows] - expected_logit
+            del z, t, e_t
         m = mask.to(torch.float32)
         loss = torch.where(mask, per_token, 0.0).sum() / m.sum().clamp(min=1.0)
         ctx.save_for_backward(hidden, weight, teacher, mask, lse_d, lse_t)
