@@ -16,17 +16,18 @@ Three implementations of the same math:
   log-sum-exp; merged with the diagonal terms through that LSE. The backward calls the flash backward
   with the *merged* output and LSE, which yields exactly the causal part's share of the gradients; the
   diagonal gradients are row-local einsums. No L×L tensor is held at any point. (A block-diagonal
-  `attn_mask` would push that kernel onto its masked path, which visits every tile: measured ~7× slower
-  than per-document calls for 8 documents at L=4096.)
+  `attn_mask` would push that kernel onto its masked path, which visits every tile: measured 6-7×
+  slower than per-document calls for 8 documents at L=4096; see bench/results/ttt_attention-cpu-2core.md.)
 
 Documents: `doc_ids[b]` must number each document as one contiguous run (the trainer numbers them
 0, 1, 2, … along the row). Tile skipping relies on it, so it is checked on every call that passes
 doc_ids (one small reduction and one host sync) and a violation raises ValueError.
 
-Keys and values are kept for the backward by reference, not through `save_for_backward`: the trainer
-writes later steps into other slices of the same preallocated buffer, which bumps the buffer's shared
-version counter and would trip autograd's in-place check although the slices read here never change.
-The caller must not overwrite keys[0:S] / values[0:S] before the backward has run.
+Keys and values are kept for the backward by reference, not through `save_for_backward`: a caller
+that writes later steps into other slices of one preallocated buffer bumps the buffer's shared version
+counter, which would trip autograd's in-place check although the slices read here never change (the
+dense reference has no such limit, so neither may we). The caller must not overwrite keys[0:S] /
+values[0:S] before the backward has run.
 """
 import torch
 
