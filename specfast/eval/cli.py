@@ -18,6 +18,10 @@ def cmd_eval(a) -> int:
     from .prompts import read_prompts
 
     prompts = read_prompts(a.prompts, limit=a.limit)  # bad prompt files fail before any model loads
+    if a.threads is not None:
+        if a.threads < 1:
+            raise ValueError(f"--threads must be ≥ 1, not {a.threads}")
+        torch.set_num_threads(a.threads)
     tensors, cfg = read_draft(a.draft)
     device = a.device
     if device == "auto":
@@ -59,6 +63,8 @@ def register(subparsers) -> None:
     s.add_argument("--out", help="results JSON (a PNG of acceptance by position is written beside it)")
     s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     s.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
+    s.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 is often faster on a busy machine)")
     s.add_argument("--no-baseline", action="store_true", help="skip the target-alone run (no speedup reported)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_eval)
