@@ -10,6 +10,22 @@ The Python API over the C++ extension ``specfast._shardio``:
 - :class:`ShardError` (a ``ValueError``) is the one exception for bad data: truncated, corrupt,
   missing or mismatched shards. Its message names the file, and the sample where there is one.
 
+Usage::
+
+    with ShardWriter(out_dir, capture_config) as w:            # resumes an interrupted capture
+        for sample in samples[w.num_samples_done:]:            # dicts of numpy / torch tensors
+            w.add(sample)
+
+    ds = ShardDataset(out_dir, expect={"hidden_size": 576, "aux_layer_ids": [1, 13, 26],
+                                       "tokenizer_hash": tok_hash, "dtype": "bfloat16"})
+    for epoch in range(start_epoch, epochs):
+        start = start_position if epoch == start_epoch else 0
+        with ShardReader(ds, token_budget=16384, seed=seed, epoch=epoch, start=start,
+                         pin_memory=torch.cuda.is_available()) as reader:
+            for batch in reader:      # aux_hidden [T, 3H], final_hidden [T, H], input_ids [T],
+                ...                   # loss_mask [T], (target_argmax [T]), offsets [B+1], sample_ids [B]
+                checkpoint_state = {"epoch": epoch, "position": reader.position()}
+
 Format (version 1)
 ==================
 
@@ -31,10 +47,11 @@ tensor             shape         dtype                  meaning
 =================  ============  =====================  =============================================
 ``aux_hidden``     [N, K*H]      BF16 / F16 / F32       K target hidden states, concatenated (K = 3
                                                         for EAGLE-3), in ``aux_layer_ids`` order
-``final_hidden``   [N, H]        same as aux_hidden     the target's last hidden state, before its
-                                                        final norm (HF ``hidden_states[-1]`` is after
-                                                        it: capture must say which it stores, in
-                                                        ``extra``)
+``final_hidden``   [N, H]        same as aux_hidden     the target's last hidden state *after* its
+                                                        final norm, i.e. what its lm_head consumes
+                                                        (HF ``hidden_states[-1]``), so that
+                                                        ``final_hidden @ lm_head.weight.T`` equals
+                                                        the target's logits
 ``input_ids``      [N]           I32 (default) / I64    token ids
 ``loss_mask``      [N]           BOOL                   True where the token is supervised
 ``target_argmax``  [N]           I32 / I64, optional    the target's full-vocabulary argmax per
@@ -56,7 +73,8 @@ Tensors appear in the order of the table. ``__metadata__`` holds ``format`` ("sp
 ``aux_layer_convention``, so a shard copied out alone still says what it holds.
 
 Aux layer convention. ``aux_layer_ids`` are 0-based decoder-layer indices and entry i is the
-*output* of layer ``aux_layer_ids[i]`` (HF ``output_hidden_states`` index ``i + 1``). vLLM's
+*output* of layer ``aux_layer_ids[i]`` (HF ``output_hidden_states`` index ``aux_layer_ids[i] + 1``;
+for the last layer that HF entry is after the final norm, so capture it with a hook). vLLM's
 ``eagle_aux_hidden_state_layer_ids`` name the *input* of a layer instead: vLLM's ``j`` is our
 ``j - 1``. The manifest records this as ``"aux_layer_convention": "layer_output_0based"``
 (:data:`AUX_LAYER_CONVENTION`); the writer accepts nothing else, so a capture that mixed them up
@@ -791,14 +809,14 @@ class ShardDataset:
         if not isinstance(i, (int, np.integer)) or not 0 <= i < len(self):
             raise IndexError(f"sample index {i!r} out of range [0, {len(self)})")
 
-    def native_reader(self, num_threads: int, verify: bool, o_direct: bool) -> Any:
+    def _native_reader(self, num_threads: int, verify: bool, o_direct: bool) -> Any:
         """A C++ reader over this dataset's shards (used by ShardReader)."""
         return _shardio.Reader(
             [str(s.path) for s in self._shards], [s.field_offsets for s in self._shards],
             [s.token_offsets for s in self._shards], [s.checksums for s in self._shards],
             [f.bytes_per_token for f in self.fields], num_threads, verify, o_direct)
 
-    def host_buffers(self, nbytes: int, pin_memory: bool, keep: int) -> _HostBuffers:
+    def _buffer_pool(self, nbytes: int, pin_memory: bool, keep: int) -> _HostBuffers:
         """Batch buffers shared by this dataset's readers, so the next epoch's reader reuses
         memory the last one already faulted in."""
         key = (nbytes, pin_memory)
@@ -814,7 +832,7 @@ class ShardDataset:
         n = int(self.sample_lengths[i])
         out = {f.name: torch.empty((n, *f.token_shape), dtype=f.torch_dtype) for f in self.fields}
         if self._native_single is None or self._native_single[0] != verify:
-            self._native_single = (verify, self.native_reader(1, verify, False))
+            self._native_single = (verify, self._native_reader(1, verify, False))
         native = self._native_single[1]
         dests = [out[f.name].view(torch.uint8).numpy() for f in self.fields]
         with _native_errors():
@@ -918,11 +936,11 @@ class ShardReader:
         self._fields = dataset.fields
         self._slot_offsets = np.cumsum(
             [0] + [_round_up(self.token_budget * f.bytes_per_token) for f in self._fields])
-        self._buffers = dataset.host_buffers(int(self._slot_offsets[-1]), pin_memory,
+        self._buffers = dataset._buffer_pool(int(self._slot_offsets[-1]), pin_memory,
                                              keep=prefetch + 2)
         self._pin = pin_memory
         self._prefetch = int(prefetch)
-        self._native = dataset.native_reader(int(num_threads), verify, o_direct)
+        self._native = dataset._native_reader(int(num_threads), verify, o_direct)
         self._pending: deque[tuple[int, dict]] = deque()
         self._next_submit = 0
         self._next_yield = 0

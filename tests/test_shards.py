@@ -389,7 +389,8 @@ def test_writer_validates_samples(tmp_path):
     cases = [
         ({k: v for k, v in good.items() if k != "loss_mask"}, "missing \\['loss_mask'\\]"),
         ({**good, "aux_hidden": good["aux_hidden"][:, :H]}, rf"aux_hidden has shape \[{n}, {H}\]"),
-        ({**good, "final_hidden": torch.full((n, H), float("nan"))}, "final_hidden holds NaN or inf at token 0"),
+        ({**good, "final_hidden": torch.full((n, H), float("nan"))},
+         "final_hidden holds NaN or inf at token 0"),
         ({**good, "aux_hidden": torch.full((n, 3 * H), 3.4e38)},  # finite in fp32, inf in bf16
          r"aux_hidden holds NaN or inf at token 0 \(after casting to BF16\)"),
         ({**good, "input_ids": good["input_ids"].float()}, "integer token ids"),
