@@ -132,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", help="auto | cpu | cuda")
     s.set_defaults(func=cmd_demo)
 
+    from specfast.capture import register as register_capture
+    from specfast.eval.cli import register as register_eval
+
+    register_capture(sub)
+    register_eval(sub)
     return p
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from specfast import _shardio
 from specfast.ttt import PackedBatch
 
 
@@ -22,8 +23,8 @@ class TokenBudgetSampler:
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return self.eligible[torch.randperm(len(self.eligible), generator=g).numpy()]
+        # The shard reader's permutation: online and offline runs on the same samples see the same batches.
+        return self.eligible[_shardio.permutation(len(self.eligible), self.seed, epoch)]
 
     def next_indices(self) -> list[int]:
         if self.cursor >= len(self._order):
@@ -50,13 +51,18 @@ class TokenBudgetSampler:
         self._order = self._permutation(self.epoch)
 
 
+def doc_layout(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Document id and position within the document of every token of a packed row."""
+    doc_ids = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    starts = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+    return doc_ids, torch.arange(int(lengths.sum())) - starts
+
+
 def pack(samples: list[tuple[torch.Tensor, torch.Tensor]], budget: int):
     """[(ids, label_mask)] -> concatenated ids, labels, doc_ids, positions (each sample cut to budget)."""
     ids = [s[0][:budget].long() for s in samples]
     labels = [s[1][:budget].bool() for s in samples]
-    lengths = torch.tensor([x.numel() for x in ids])
-    doc_ids = torch.repeat_interleave(torch.arange(len(ids)), lengths)
-    positions = torch.cat([torch.arange(int(n)) for n in lengths])
+    doc_ids, positions = doc_layout(torch.tensor([x.numel() for x in ids]))
     return torch.cat(ids), torch.cat(labels), doc_ids, positions
 
 
@@ -83,6 +89,7 @@ class OnlineBatches:
         self.sampler = TokenBudgetSampler(data.lengths(), budget, seed, supervised_within(data, budget))
         self.draft_ids = data.vocab.draft_ids.to(device)
         self.t2d = data.vocab.t2d.to(device)
+        self.vocab = data.vocab
 
     def next(self) -> PackedBatch:
         idx = self.sampler.next_indices()
@@ -100,3 +107,55 @@ class OnlineBatches:
 
     def load_state_dict(self, s: dict) -> None:
         self.sampler.load_state_dict(s)
+
+
+class OfflineBatches:
+    """Batches read from hidden-state shards (specfast capture) by the C++ reader: no target forward.
+    Same sample order and packing as OnlineBatches over the same samples."""
+
+    def __init__(self, dataset, target, vocab, budget: int, seed: int, device: torch.device):
+        self.dataset, self.target, self.vocab = dataset, target, vocab
+        self.budget, self.seed, self.device = budget, seed, device
+        self.draft_ids = vocab.draft_ids.to(device)
+        self.t2d = vocab.t2d.to(device)
+        self.epoch, self.cursor = 0, 0
+        self._reader = None
+
+    def _open(self):
+        from specfast.shards import ShardReader
+
+        self._reader = ShardReader(self.dataset, self.budget, self.seed, epoch=self.epoch, start=self.cursor,
+                                   pin_memory=self.device.type == "cuda")
+
+    def next(self) -> PackedBatch:
+        if self._reader is None:
+            self._open()
+        try:
+            b = next(self._reader)
+        except StopIteration:
+            self._reader.close()
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._open()
+            b = next(self._reader)
+        self.cursor = self._reader.position()
+        d = self.device
+        doc_ids, positions = doc_layout(b["offsets"].diff())
+        final = b["final_hidden"].to(d, non_blocking=True)
+        return PackedBatch(
+            input_ids=b["input_ids"].to(d).long(), doc_ids=doc_ids.to(d), positions=positions.to(d),
+            label_mask=b["loss_mask"].to(d).bool(), aux_hidden=b["aux_hidden"].to(d, non_blocking=True),
+            teacher_logits=self.target.teacher_logits(final, self.draft_ids),
+            target_in_vocab=self.t2d[b["target_argmax"].to(d).long()],
+        )
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "budget": self.budget}
+
+    def load_state_dict(self, s: dict) -> None:
+        if s["seed"] != self.seed or s["budget"] != self.budget:
+            raise ValueError(f"checkpoint data order (seed {s['seed']}, budget {s['budget']}) differs from this "
+                             f"run's (seed {self.seed}, budget {self.budget})")
+        self.epoch, self.cursor = int(s["epoch"]), int(s["cursor"])
+        if self._reader is not None:
+            self._reader.close()
+        self._reader = None

@@ -17,7 +17,7 @@ from specfast.model import DraftConfig, Eagle3Draft
 from specfast.targets import load_target
 from specfast.ttt import metrics_from_counts, ttt_counts, ttt_unroll
 
-from .batches import OnlineBatches
+from .batches import OfflineBatches, OnlineBatches
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .metrics import MetricsLog, plot_metrics
@@ -40,10 +40,10 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def build_draft(target, data: PreparedData, init_from_target: bool, device: torch.device) -> Eagle3Draft:
-    cfg = DraftConfig.from_target(target.hf_config, data.vocab.size, target.aux_layer_ids)
+def build_draft(target, vocab, init_from_target: bool, device: torch.device) -> Eagle3Draft:
+    cfg = DraftConfig.from_target(target.hf_config, vocab.size, target.aux_layer_ids)
     draft = Eagle3Draft(cfg).to(device)
-    draft.set_vocab(data.vocab.draft_ids)
+    draft.set_vocab(vocab.draft_ids)
     draft.attach_target(target.embed_weight(),
                         target.lm_head_weight() if init_from_target else None,
                         target.final_norm_weight() if init_from_target else None)
@@ -60,6 +60,37 @@ def check_data_matches_target(data: PreparedData, target) -> None:
                          f"has {target.vocab_size}")
 
 
+def open_batches(cfg: TrainConfig, device: torch.device):
+    """Online (a prepared dataset: the target runs in the loop) or offline (a shard folder from
+    `specfast capture`: only the target's embeddings and lm_head are loaded)."""
+    if (Path(cfg.data) / "manifest.json").is_file():
+        from specfast.data.vocab import DraftVocab
+        from specfast.shards import ShardDataset
+        from specfast.targets import resolve_target_path
+        from specfast.targets.heads import HeadsOnlyTarget
+
+        dataset = ShardDataset(cfg.data)
+        cap = dataset.capture
+        ids = cfg.parsed_aux_layer_ids()
+        if ids is not None and ids != cap["aux_layer_ids"]:
+            raise ValueError(f"{cfg.data}: captured aux layers {cap['aux_layer_ids']}, config asks for {ids}")
+        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+        target = HeadsOnlyTarget(resolve_target_path(cfg.target), cap["aux_layer_ids"], device, dtype, cfg.target)
+        if cap["tokenizer_hash"] != target.tokenizer_hash() or cap["hidden_size"] != target.hidden_size:
+            raise ValueError(f"{cfg.data}: captured from {cap['target']} (tokenizer {cap['tokenizer_hash']}, hidden "
+                             f"{cap['hidden_size']}), which does not match target {cfg.target}")
+        from safetensors.torch import load_file
+
+        voc = load_file(str(Path(cfg.data) / "vocab.safetensors"))
+        vocab = DraftVocab(voc["draft_ids"], int(voc["t2d"].numel()), float("nan"))
+        return OfflineBatches(dataset, target, vocab, cfg.batch_tokens, cfg.seed, device)
+    data = PreparedData.load(cfg.data)
+    target = load_target(cfg.target, device=str(device), aux_layer_ids=cfg.parsed_aux_layer_ids())
+    check_data_matches_target(data, target)
+    batches = OnlineBatches(data, target, cfg.batch_tokens, cfg.seed, device)
+    return batches
+
+
 def train(cfg: TrainConfig, resume: bool | str = False) -> dict:
     """Train a draft; returns a summary. `resume`: True for the latest checkpoint in cfg.out, or a path."""
     cfg.validate()
@@ -67,10 +98,9 @@ def train(cfg: TrainConfig, resume: bool | str = False) -> dict:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
 
-    data = PreparedData.load(cfg.data)
-    target = load_target(cfg.target, device=str(device), aux_layer_ids=cfg.parsed_aux_layer_ids())
-    check_data_matches_target(data, target)
-    draft = build_draft(target, data, cfg.init_from_target, device)
+    batches = open_batches(cfg, device)
+    target = batches.target
+    draft = build_draft(target, batches.vocab, cfg.init_from_target, device)
     params = [p for p in draft.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
@@ -84,7 +114,6 @@ def train(cfg: TrainConfig, resume: bool | str = False) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         return lr
-    batches = OnlineBatches(data, target, cfg.batch_tokens, cfg.seed, device)
 
     step, tokens_seen, train_seconds = 0, 0, 0.0
     ckpt = None
