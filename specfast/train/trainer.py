@@ -136,8 +136,11 @@ def train(cfg: TrainConfig, resume: bool | str = False) -> dict:
 
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
     window = []  # recent per-step count tensors, for smoothed metrics in the bar and summary
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", disable=not cfg.progress,
-               dynamic_ncols=True)
+    # A time-boxed run shows its progress through the time budget, others through max_steps.
+    timed = cfg.max_minutes > 0
+    bar = tqdm(total=round(cfg.max_minutes * 60) if timed else cfg.max_steps, initial=int(train_seconds) if timed else step,
+               desc="train", unit="s" if timed else "step", disable=not cfg.progress, dynamic_ncols=True,
+               bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s [{elapsed}{postfix}]" if timed else None)
 
     def checkpoint():
         state = {"config": cfg.to_dict(), "data": batches.state_dict(),
@@ -176,8 +179,8 @@ def train(cfg: TrainConfig, resume: bool | str = False) -> dict:
                          "tokens": n_tokens, "tokens_per_s": n_tokens / dt, "elapsed_s": train_seconds})
             window = (window + [counts])[-50:]
             smooth = metrics_from_counts(sum(window))
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_total:.3f}", acc0=f"{smooth['acc'][0]:.3f}",
+            bar.update(min(dt, bar.total - bar.n) if timed else 1)
+            bar.set_postfix(step=step, loss=f"{loss_total:.3f}", acc0=f"{smooth['acc'][0]:.3f}",
                             tau=f"{smooth['sim_accept_len']:.2f}", tok_s=f"{tokens_seen / train_seconds:.0f}")
             out_of_time = cfg.max_minutes > 0 and train_seconds >= cfg.max_minutes * 60
             if step % cfg.save_every == 0 or step == cfg.max_steps or out_of_time:
