@@ -120,6 +120,10 @@ def run_specfast(args, prompts) -> tuple[dict, set[int]]:
     from specfast.eval.evaluate import eos_ids_of
     from specfast.targets import load_target
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     _, cfg = read_draft(args.draft)
     target = load_target(args.target, aux_layer_ids=cfg.aux_layer_ids)
     draft = load_draft(args.draft, target)
@@ -147,6 +151,7 @@ def main(argv=None) -> int:
     ap.add_argument("--vllm-python", default="~/vllm-venv/bin/python", help="python of the vLLM venv")
     ap.add_argument("--dtype", default="float32", help="vLLM dtype (default float32, as specfast eval on CPU)")
     ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for the specfast side")
     ap.add_argument("--json", help="write both sides' numbers here")
     args = ap.parse_args(argv)
 

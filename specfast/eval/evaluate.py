@@ -63,8 +63,9 @@ def _as_prompts(prompts) -> list[Prompt]:
 
 
 def _run_conversation(target, prompt: Prompt, generate_turn, eos: set[int]) -> tuple[list[list[int]], float]:
-    """Answer the user turns in order, each answer kept in the context. Returns (per-turn outputs,
-    seconds spent generating)."""
+    """Answer the user turns in order, each answer kept in the context (every turn prefills the whole
+    conversation afresh, on both sides alike). Returns (per-turn outputs, seconds spent generating:
+    prefill + decoding, not tokenisation)."""
     tok = target.tokenizer
     messages = [{"role": "system", "content": prompt.system}] if prompt.system else []
     outputs, seconds = [], 0.0
