@@ -28,9 +28,12 @@ class DraftConfig:
     @staticmethod
     def from_target(cfg, draft_vocab_size: int, aux_layer_ids: list[int]) -> "DraftConfig":
         """cfg: the target's transformers config."""
-        rope_params = dict(getattr(cfg, "rope_parameters", None) or {})
-        rope_theta = rope_params.pop("rope_theta", getattr(cfg, "rope_theta", 10000.0))
-        scaling = getattr(cfg, "rope_scaling", None) or (rope_params if rope_params.get("rope_type", "default") != "default" else None)
+        # transformers 5 keeps rope fields in `rope_parameters` (and mirrors them as `rope_scaling`);
+        # older configs have `rope_theta` plus an optional `rope_scaling`. Plain RoPE exports rope_scaling null.
+        rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+        rope_theta = rope.pop("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        scaling = rope if rope_type != "default" else None
         heads = cfg.num_attention_heads
         return DraftConfig(
             hidden_size=cfg.hidden_size,
