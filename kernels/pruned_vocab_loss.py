@@ -46,7 +46,7 @@ def pruned_vocab_loss(hidden, weight, teacher_logits, mask, *, backend="auto", c
     Returns (loss: 0-dim fp32 with grads to hidden and weight, correct: bool [T]).
 
     backend: "auto" (CUDA → Triton, otherwise chunked torch), "triton", "torch" or "reference".
-    chunk_size: rows per chunk of the torch path (default: about 32 MiB of fp32 logits per chunk).
+    chunk_size: rows per chunk of the torch path (default: about 64 MiB of fp32 logits per chunk).
     """
     T, H = hidden.shape
     V = weight.shape[0]
@@ -95,7 +95,7 @@ def _loss_scale(grad_loss, mask):
 # Chunked PyTorch path
 # ---------------------------------------------------------------------------------------------------
 
-_CHUNK_BYTES = 32 << 20  # fp32 logits per chunk; a few such blocks are alive at once
+_CHUNK_BYTES = 64 << 20  # fp32 logits per chunk (two such blocks alive); fewer rows slow the CPU GEMMs
 
 
 def _chunk_rows(T, V, chunk_size):
@@ -105,42 +105,44 @@ def _chunk_rows(T, V, chunk_size):
 
 
 class _ChunkedPrunedVocabLoss(torch.autograd.Function):
+    """Rows in chunks of C: at most two fp32 [C, V] blocks alive at a time, in forward and backward.
+    Elementwise work goes through fused row-wise ops (max, softmax, a batched row dot) because at
+    small H it costs as much as the matmul; log-sum-exps come out of the softmax:
+    softmax(x)[argmax] = exp(max − lse), so lse = max − log softmax(x)[argmax]."""
+
     @staticmethod
     def forward(ctx, hidden, weight, teacher, mask, chunk_size):
         T, V = teacher.shape
         C = _chunk_rows(T, V, chunk_size)
         w = weight.float()  # once, not per chunk (a no-op in fp32, the CPU training dtype)
-        lse_d = torch.empty(T, dtype=torch.float32, device=hidden.device)
-        lse_t = torch.empty_like(lse_d)
-        per_token = torch.empty_like(lse_d)
+        per_token = torch.empty(T, dtype=torch.float32, device=hidden.device)
         correct = torch.empty(T, dtype=torch.bool, device=hidden.device)
         for t0 in range(0, T, C):
             rows = slice(t0, min(T, t0 + C))
             z = hidden[rows].float() @ w.t()
-            t = teacher[rows].to(torch.float32, copy=True)  # exponentiated in place: never the caller's
-            # max and argmax in one pass, on the raw values (ties → lowest index)
-            m_d, i_d = z.max(-1)
-            m_t, i_t = t.max(-1)
+            t = teacher[rows]
+            m_d, i_d = z.max(-1)  # value and first index in one pass, on the raw logits
+            i_t = t.argmax(-1)
             correct[rows] = i_d == i_t
-            e_t = t.sub_(m_t[:, None]).exp_()
-            s_t = e_t.sum(-1)
-            lse_t[rows] = m_t + s_t.log()
-            expected_logit = torch.linalg.vecdot(e_t, z) / s_t  # Σ_v softmax(teacher)_v · logit_v
-            lse_d[rows] = m_d + z.sub_(m_d[:, None]).exp_().sum(-1).log()
-            per_token[rows] = lse_d[rows] - expected_logit
-            del z, t, e_t
+            p_t = torch.softmax(t, -1, dtype=torch.float32)
+            expected_logit = torch.einsum("tv,tv->t", p_t, z)  # Σ_v softmax(teacher)_v · logit_v
+            del p_t
+            p_d = torch.softmax(z, -1)
+            lse_d = m_d - p_d.gather(1, i_d[:, None])[:, 0].log()
+            per_token[rows] = lse_d - expected_logit
+            del z, p_d
         m = mask.to(torch.float32)
         loss = torch.where(mask, per_token, 0.0).sum() / m.sum().clamp(min=1.0)
-        ctx.save_for_backward(hidden, weight, teacher, mask, lse_d, lse_t)
+        ctx.save_for_backward(hidden, weight, teacher, mask)
         ctx.chunk_rows = C
         ctx.mark_non_differentiable(correct)
         return loss, correct
 
     @staticmethod
     def backward(ctx, grad_loss, grad_correct):
-        hidden, weight, teacher, mask, lse_d, lse_t = ctx.saved_tensors
+        hidden, weight, teacher, mask = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        T, V = teacher.shape
+        T = hidden.shape[0]
         C = ctx.chunk_rows
         scale = _loss_scale(grad_loss, mask)
         w = weight.float()
@@ -152,13 +154,14 @@ class _ChunkedPrunedVocabLoss(torch.autograd.Function):
             if not bool(m.any()):
                 continue  # unsupervised rows contribute no gradient: skip their matmuls
             h = hidden[rows].float()
-            g = (h @ w.t()).sub_(lse_d[rows, None]).exp_()  # softmax(draft)
-            g.sub_(teacher[rows].to(torch.float32, copy=True).sub_(lse_t[rows, None]).exp_())  # − softmax(teacher)
-            g.mul_(m.to(torch.float32)[:, None])
+            g = torch.softmax(h @ w.t(), -1)
+            g.sub_(torch.softmax(teacher[rows], -1, dtype=torch.float32))
+            # the mask scales rows: apply it to the [C, H] operands, not the [C, V] block
+            m = m.to(torch.float32)[:, None]
             if need_h:
-                grad_h[rows] = g @ w
+                grad_h[rows] = (g @ w).mul_(m)
             if need_w:
-                grad_w.addmm_(g.t(), h)
+                grad_w.addmm_(g.t(), h * m)
             del g, h
         if need_h:
             grad_h = grad_h.mul_(scale).to(hidden.dtype)
