@@ -10,6 +10,13 @@ from specfast import _shardio
 from specfast.ttt import PackedBatch
 
 
+def check_same_order(saved: dict, seed: int, budget: int) -> None:
+    """A data position only means something under the seed and budget that produced it."""
+    if saved["seed"] != seed or saved["budget"] != budget:
+        raise ValueError(f"checkpoint data order (seed {saved['seed']}, budget {saved['budget']}) differs from this "
+                         f"run's (seed {seed}, budget {budget})")
+
+
 class TokenBudgetSampler:
     """`eligible`: indices of the samples to draw from (default all)."""
 
@@ -44,9 +51,7 @@ class TokenBudgetSampler:
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "budget": self.budget}
 
     def load_state_dict(self, s: dict) -> None:
-        if s["seed"] != self.seed or s["budget"] != self.budget:
-            raise ValueError(f"checkpoint data order (seed {s['seed']}, budget {s['budget']}) differs from this "
-                             f"run's (seed {self.seed}, budget {self.budget})")
+        check_same_order(s, self.seed, self.budget)
         self.epoch, self.cursor = int(s["epoch"]), int(s["cursor"])
         self._order = self._permutation(self.epoch)
 
@@ -152,9 +157,7 @@ class OfflineBatches:
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "budget": self.budget}
 
     def load_state_dict(self, s: dict) -> None:
-        if s["seed"] != self.seed or s["budget"] != self.budget:
-            raise ValueError(f"checkpoint data order (seed {s['seed']}, budget {s['budget']}) differs from this "
-                             f"run's (seed {self.seed}, budget {self.budget})")
+        check_same_order(s, self.seed, self.budget)
         self.epoch, self.cursor = int(s["epoch"]), int(s["cursor"])
         if self._reader is not None:
             self._reader.close()
