@@ -44,6 +44,7 @@ def export_config(cfg: DraftConfig, dtype: torch.dtype) -> dict:
         "rms_norm_eps": cfg.rms_norm_eps,
         "rope_theta": cfg.rope_theta,
         "rope_scaling": cfg.rope_scaling,
+        "rope_parameters": cfg.rope_parameters(),  # what transformers 5 and vLLM 0.32 read
         "max_position_embeddings": cfg.max_position_embeddings,
         "vocab_size": cfg.vocab_size,
         "draft_vocab_size": cfg.draft_vocab_size,
@@ -91,8 +92,9 @@ def check_consistent(tensors: dict, cfg: DraftConfig, where: str) -> None:
     t2d = tensors["t2d"].bool()
     if int(t2d.sum()) != cfg.draft_vocab_size or not bool(t2d[draft_ids].all()):
         raise ExportError(f"{where}: t2d disagrees with d2t")
-    if len(cfg.aux_layer_ids) != 3:
-        raise ExportError(f"{where}: {len(cfg.aux_layer_ids)} aux layer ids, EAGLE-3 needs 3")
+    if len(cfg.aux_layer_ids) != 3 or sorted(set(cfg.aux_layer_ids)) != list(cfg.aux_layer_ids):
+        raise ExportError(f"{where}: aux layer ids {cfg.aux_layer_ids} are not 3 distinct ascending layers "
+                          "(vLLM sorts and de-duplicates them)")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -37,7 +37,7 @@ def tiny_target_dir(tmp_path_factory, smollm2_dir):
 
     out = tmp_path_factory.mktemp("tiny_target")
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=8,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       tie_word_embeddings=True, rope_theta=10000.0)
     torch.manual_seed(0)

@@ -37,7 +37,7 @@ def make_target_folder(path: Path, seed: int = 0) -> Path:
                             chat_template=TEMPLATE).save_pretrained(path)
     torch.manual_seed(seed)
     # A large init range gives peaked, varied next-token distributions (no near-ties, no uniform soup).
-    cfg = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+    cfg = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=8,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       initializer_range=0.3, tie_word_embeddings=False, eos_token_id=EOS, bos_token_id=None,
                       pad_token_id=0)
@@ -50,7 +50,7 @@ def make_draft(target, seed: int, draft_vocab: int = 12) -> Eagle3Draft:
     torch.manual_seed(seed)
     cfg = DraftConfig(hidden_size=32, target_hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                       head_dim=8, intermediate_size=64, vocab_size=len(WORDS), draft_vocab_size=draft_vocab,
-                      aux_layer_ids=list(target.aux_layer_ids), target_num_layers=6)
+                      aux_layer_ids=list(target.aux_layer_ids), target_num_layers=8)
     d = Eagle3Draft(cfg)
     with torch.no_grad():
         for p in d.parameters():

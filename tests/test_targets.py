@@ -1,5 +1,6 @@
 """The Hugging Face target backend on the real embedded SmolLM2: teacher logits equal the model's own,
 packed rows equal per-document runs, and the aux layers are the right hidden states."""
+import pytest
 import torch
 
 from specfast.targets import HFTarget, aux_layer_ids_default
@@ -9,6 +10,8 @@ def test_default_aux_layers_match_vllm_convention():
     # 0-based layer outputs [1, L//2-1, L-4] are what vLLM calls the inputs of layers (2, L//2, L-3).
     assert aux_layer_ids_default(30) == [1, 14, 26]
     assert [i + 1 for i in aux_layer_ids_default(32)] == [2, 16, 29]
+    with pytest.raises(ValueError, match="too shallow"):
+        aux_layer_ids_default(6)  # [1, 2, 2]: vLLM would de-duplicate it to two layers
 
 
 def test_teacher_logits_equal_the_targets_own_logits(smollm2_dir, seed):

@@ -94,9 +94,10 @@ def test_export_layout_loads_back(trained_run, tmp_path):
     assert cfg["num_hidden_layers"] == 1 and cfg["norm_before_residual"] is False
     assert cfg["rope_theta"] == 10000.0 and cfg["rope_scaling"] is None  # plain RoPE, as vLLM expects
     assert cfg["vocab_size"] == 49152 and cfg["draft_vocab_size"] == 64 and cfg["target_hidden_size"] == 32
-    # tiny target has 6 layers: default outputs [1, 2, 2]; vLLM ids are one higher, SGLang's the same
-    assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 2, 2]
-    assert cfg["eagle_aux_hidden_state_layer_ids"] == [2, 3, 3]
+    # tiny target has 8 layers: default outputs [1, 3, 4]; vLLM ids are one higher, SGLang's the same
+    assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 3, 4]
+    assert cfg["eagle_aux_hidden_state_layer_ids"] == [2, 4, 5]
+    assert cfg["rope_parameters"] == {"rope_type": "default", "rope_theta": 10000.0}
     with safe_open(str(exp / "model.safetensors"), "pt") as f:
         names = set(f.keys())
         assert f.get_tensor("fc.weight").dtype == torch.bfloat16

@@ -16,9 +16,18 @@ AUX_CONVENTION = "output_of_layer_0based"
 
 def aux_layer_ids_default(num_layers: int) -> list[int]:
     """EAGLE-3's default: outputs of layers [1, L//2 - 1, L - 4] (vLLM: inputs of 2, L//2, L - 3)."""
-    if num_layers < 5:
-        raise ValueError(f"target has {num_layers} layers; EAGLE-3's default aux layers need at least 5")
-    return [1, num_layers // 2 - 1, num_layers - 4]
+    ids = [1, num_layers // 2 - 1, num_layers - 4]
+    check_aux_layer_ids(ids, num_layers)
+    return ids
+
+
+def check_aux_layer_ids(ids: list[int], num_layers: int) -> None:
+    """Three distinct ascending layers: vLLM sorts and de-duplicates the ids it captures, so `fc`'s input
+    blocks only line up with what it feeds if ours are already in that order."""
+    if len(ids) != 3 or any(not 0 <= i < num_layers for i in ids) or sorted(set(ids)) != list(ids):
+        raise ValueError(f"aux layer ids {ids} must be 3 distinct ascending layers in [0, {num_layers}) "
+                         f"({AUX_CONVENTION}); a {num_layers}-layer target "
+                         + ("is too shallow for EAGLE-3's default" if num_layers < 8 else "needs --aux-layer-ids"))
 
 
 @dataclass

@@ -7,7 +7,7 @@ import torch
 
 from specfast.kernels import full_vocab_argmax
 
-from .base import AUX_CONVENTION, PackedTargetOutput, TargetModel, aux_layer_ids_default
+from .base import PackedTargetOutput, TargetModel, aux_layer_ids_default, check_aux_layer_ids
 
 
 def packed_attention_mask(doc_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -50,10 +50,7 @@ class HFTarget(TargetModel):
         self.hidden_size = cfg.hidden_size
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
         self.aux_layer_ids = list(aux_layer_ids) if aux_layer_ids is not None else aux_layer_ids_default(self.num_layers)
-        bad = [i for i in self.aux_layer_ids if not 0 <= i < self.num_layers]
-        if len(self.aux_layer_ids) != 3 or bad:
-            raise ValueError(f"aux layer ids {self.aux_layer_ids} must be 3 ids in [0, {self.num_layers}) "
-                             f"({AUX_CONVENTION})")
+        check_aux_layer_ids(self.aux_layer_ids, self.num_layers)
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.get_output_embeddings().weight
