@@ -197,7 +197,7 @@ def run_gpu(args):
                     peak = (torch.cuda.max_memory_allocated() - base) / 2**20
                     ms = triton.testing.do_bench(lambda: fwd_bwd(fn, *inputs), return_mode="median")
                     row[label] = {"ms": ms, "tflops": flops(T, H, V) / ms / 1e9, "peak_mib": peak}
-                except torch.OutOfMemoryError:
+                except torch.cuda.OutOfMemoryError:
                     row[label] = None
                 torch.cuda.empty_cache()
             rows.append(row)
