@@ -140,7 +140,7 @@ def run_cpu(args):
     lines = [
         f"### CPU ({cpu}, {threads} threads, torch {torch.__version__}, fp32)",
         "",
-        f"`python bench/pruned_vocab_loss.py{' --quick' if args.quick else ''}`. Forward + backward, "
+        f"`{_command()}`. Forward + backward, "
         f"90% of rows supervised, best of {args.rounds} interleaved runs (ours, reference, ours, ...; "
         "1 run where the reference is not run), each in a fresh process. Peak = extra RSS "
         f"over the inputs. 1-min load average {load_before:.1f} before, {load_after:.1f} after (times are "
@@ -207,7 +207,7 @@ def run_gpu(args):
     lines = [
         f"### CUDA ({name}, torch {torch.__version__}, triton {triton.__version__}, bf16)",
         "",
-        "`python bench/pruned_vocab_loss.py --gpu`. Forward + backward, 90% of rows supervised, "
+        f"`{_command()}`. Forward + backward, 90% of rows supervised, "
         "`triton.testing.do_bench` median. TFLOP/s counts 6·T·H·V; roofline = H100 SXM 989 dense bf16 "
         "TFLOP/s (compute-bound: see the script's docstring). Peak = max allocated over the inputs.",
         "",
@@ -234,6 +234,10 @@ def _gpu_row(r, is_h100):
             f"| {roof} | {cell('eager', 'ms', '{:.3f}')} | {cell('compile', 'ms', '{:.3f}')} | {ratio('eager')} "
             f"| {ratio('compile')} | {cell('ours', 'peak_mib', '{:.0f}')} | {cell('eager', 'peak_mib', '{:.0f}')} "
             f"| {cell('compile', 'peak_mib', '{:.0f}')} |")
+
+
+def _command():
+    return " ".join(["python", "bench/pruned_vocab_loss.py"] + sys.argv[1:])
 
 
 def _save(filename, lines):

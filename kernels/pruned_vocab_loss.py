@@ -11,9 +11,10 @@ Three implementations of the same math:
     each logits tile, forms grad_logits = (softmax(draft) − softmax(teacher))·mask, and adds its
     products into grad_hidden / grad_weight with fp32 atomics (the Cut Cross-Entropy layout).
   - chunked PyTorch (CPU and any other device): the same recompute-in-backward scheme over chunks
-    of rows, so at most a [chunk, V] fp32 block exists at a time and peak memory is flat in T.
+    of rows, so at most two [chunk, V] fp32 blocks exist at a time and peak memory is flat in T.
 
-Neither fast path keeps anything of size T·V for backward: only the per-row log-sum-exps.
+Neither fast path keeps anything of size T·V for backward (Triton keeps the per-row log-sum-exps;
+the torch path recomputes them with the softmax).
 The backward folds the loss scale grad_out/N in after the matmuls, so fp16 grad tiles (values in
 [−1, 1]) do not underflow when N is large.
 """
