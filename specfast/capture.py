@@ -37,6 +37,7 @@ def capture(data_dir: str | Path, out: str | Path, target_name: str, batch_token
     target = load_target(target_name, device=device, aux_layer_ids=aux_layer_ids)
     check_data_matches_target(data, target)
     order = supervised_within(data, batch_tokens)
+    lengths = [min(int(n), batch_tokens) for n in data.lengths()]  # as stored: cut to the budget
     out = Path(out)
     config = {
         "target": target_name, "aux_layer_ids": target.aux_layer_ids, "aux_layer_convention": AUX_LAYER_CONVENTION,
@@ -58,7 +59,7 @@ def capture(data_dir: str | Path, out: str | Path, target_name: str, batch_token
             # Consecutive samples up to the token budget share one target forward.
             group, used = [], 0
             while i < len(todo):
-                n = min(int(data.lengths()[todo[i]]), batch_tokens)
+                n = lengths[todo[i]]
                 if group and used + n > batch_tokens:
                     break
                 group.append(int(todo[i]))
@@ -68,7 +69,7 @@ def capture(data_dir: str | Path, out: str | Path, target_name: str, batch_token
             res = target.forward_packed(ids, doc_ids)
             start = 0
             for j in group:
-                n = min(int(data.lengths()[j]), batch_tokens)
+                n = lengths[j]
                 sl = slice(start, start + n)
                 writer.add({"input_ids": ids[sl], "loss_mask": labels[sl],
                             "aux_hidden": res.aux_hidden[sl].to(DTYPES[dtype]),
