@@ -247,8 +247,11 @@ if triton is not None:
             tile_i_t = tl.argmax(t_live, axis=1, tie_break_left=True) + v0
             i_t = tl.where(tile_m_t > m_t, tile_i_t, i_t)
             new_m_t = tl.maximum(m_t, tile_m_t)
-            alpha = tl.exp(m_t - new_m_t)
-            e_t = tl.exp(t_live - new_m_t[:, None])
+            # a teacher may mask tokens with −inf: while a row has seen nothing finite, shift by 0
+            # instead of −inf so that exp(−inf − (−inf)) cannot make a NaN
+            shift_t = tl.where(new_m_t == float("-inf"), 0.0, new_m_t)
+            alpha = tl.exp(m_t - shift_t)
+            e_t = tl.exp(t_live - shift_t[:, None])
             s_t = s_t * alpha + tl.sum(e_t, axis=1)
             a_t = a_t * alpha + tl.sum(e_t * tl.where(col_ok[None, :], z, 0.0), axis=1)
             m_t = new_m_t

@@ -90,6 +90,15 @@ def test_matches_reference(seed, backend, dtype, case):
     _check(backend, dtype, *_inputs(T, H, V, dtype, case))
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_teacher_masked_with_minus_inf(seed, backend):
+    """A teacher that rules tokens out with −inf, over whole leading tiles of some rows."""
+    hidden, weight, teacher, mask = _inputs(21, 19, 131, torch.float32, "mixed_mask")
+    teacher[::2, :70] = float("-inf")
+    teacher[1::3, 5::7] = float("-inf")
+    _check(backend, torch.float32, hidden, weight, teacher, mask)
+
+
 def test_triton_many_row_blocks(seed):
     """More row blocks than one backward program group (8 × 16 rows under the interpreter), with
     a partial last group and a partial last block."""
