@@ -63,9 +63,6 @@ class TTTResult:
     correct: torch.Tensor  # bool [steps, T]
     valid: torch.Tensor  # bool [steps, T]
 
-    def metrics(self) -> dict:
-        return ttt_metrics(self.correct, self.valid, self.step_losses)
-
 
 def shifted(x: torch.Tensor, shift: int, fill) -> torch.Tensor:
     """x[t + shift] for every t, `fill` past the end."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .base import TargetModel, tokenizer_hash
+from .base import TargetModel
 
 
 def _read_tensors(folder: Path, names: list[str]) -> dict:
@@ -76,6 +76,3 @@ class HeadsOnlyTarget(TargetModel):
 
     def final_norm_weight(self):
         return self._norm
-
-    def tokenizer_hash(self) -> str:
-        return tokenizer_hash(self.tokenizer)

@@ -87,8 +87,7 @@ def open_batches(cfg: TrainConfig, device: torch.device):
     data = PreparedData.load(cfg.data)
     target = load_target(cfg.target, device=str(device), aux_layer_ids=cfg.parsed_aux_layer_ids())
     check_data_matches_target(data, target)
-    batches = OnlineBatches(data, target, cfg.batch_tokens, cfg.seed, device)
-    return batches
+    return OnlineBatches(data, target, cfg.batch_tokens, cfg.seed, device)
 
 
 def train(cfg: TrainConfig, resume: bool | str = False) -> dict:
