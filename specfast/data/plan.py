@@ -1,0 +1,134 @@
+"""The batch plan: which samples go into which batch, for every epoch. It is the only packer in
+specfast: online training, offline training and capture all draw their batches from it.
+
+Definition. Sample lengths are cut to the token budget. Epoch e visits the eligible samples in the
+order `eligible[permutation(len(eligible), seed, e)]` (shuffled) or `eligible` (not shuffled), and
+packs them greedily from the current position: a batch takes samples in that order while their
+lengths fit the budget (a batch always takes at least one sample). No sample is split, no padding is
+added. Packing greedily from any position means a stream resumed at a batch boundary continues with
+exactly the batches it would have had, and capture can resume at any sample.
+
+The global stream is the batches of epoch 0, then epoch 1, and so on. Its position is
+`(epoch, cursor)`, the index in the epoch's order of the first sample not yet handed out; that pair
+(with the seed and budget that define the stream) is the whole resumable state.
+
+Ranks. With `world_size` N, each call to :meth:`BatchPlan.next` consumes the next N batches of the
+global stream and returns the `rank`-th of them, so rank r takes global batches r, r + N, r + 2N, ...
+and the sequence of global batches does not depend on N. The position stays global, so a run can
+resume on a different number of ranks.
+
+The C++ extension supplies the fast path (`permutation`, a seeded Fisher-Yates with a fixed
+definition, and `pack_batches`); this module is their only caller.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Protocol
+
+import numpy as np
+
+from specfast import _shardio
+
+
+class SampleSource(Protocol):
+    """What the plan needs of a dataset: its samples' token counts, in sample-index order."""
+
+    def lengths(self) -> np.ndarray: ...
+
+
+def check_same_order(saved: dict, seed: int, budget: int) -> None:
+    """A data position only means something under the seed and budget that produced it."""
+    if saved["seed"] != seed or saved["budget"] != budget:
+        raise ValueError(f"checkpoint data order (seed {saved['seed']}, budget {saved['budget']}) "
+                         f"differs from this run's (seed {seed}, budget {budget})")
+
+
+class BatchPlan:
+    """Batches of sample indices, epoch after epoch; see the module docstring for the definition.
+
+    `eligible`: the sample indices to draw from (default all), in their unshuffled order.
+    """
+
+    def __init__(self, lengths: np.ndarray, budget: int, seed: int = 0, *,
+                 eligible: np.ndarray | None = None, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1):
+        if budget < 1:
+            raise ValueError(f"token budget must be >= 1, got {budget}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.lengths = np.minimum(np.asarray(lengths, dtype=np.int64), budget)
+        n = len(self.lengths)
+        self.eligible = np.arange(n, dtype=np.int64) if eligible is None \
+            else np.asarray(eligible, dtype=np.int64)
+        if len(self.eligible) == 0:
+            raise ValueError("no samples to train on")
+        self.budget, self.seed, self.shuffle = int(budget), int(seed), shuffle
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.cursor = 0, 0
+        self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    # ---------------------------------------------------------------- the definition
+    def order(self, epoch: int) -> np.ndarray:
+        """Sample indices in epoch `epoch`'s order."""
+        if not self.shuffle:
+            return self.eligible
+        return self.eligible[_shardio.permutation(len(self.eligible), self.seed, epoch)]
+
+    def _bounds(self, epoch: int, cursor: int) -> tuple[np.ndarray, np.ndarray]:
+        """(order, bounds) with batches packed greedily from `cursor`: batch k is
+        order[bounds[k]:bounds[k + 1]]. Cached, and reused while `cursor` is one of its bounds."""
+        c = self._cache
+        if c is not None and c[0] == epoch:
+            k = int(np.searchsorted(c[2], cursor))
+            if k < len(c[2]) and c[2][k] == cursor:
+                return c[1], c[2]
+        order = c[1] if c is not None and c[0] == epoch else self.order(epoch)
+        bounds = cursor + _shardio.pack_batches(self.lengths[order[cursor:]], self.budget)
+        self._cache = (epoch, order, bounds)
+        return order, bounds
+
+    def _batch_at(self, epoch: int, cursor: int) -> tuple[np.ndarray, int, int]:
+        """The global batch starting at (epoch, cursor), and the position after it."""
+        if cursor >= len(self.eligible):
+            epoch, cursor = epoch + 1, 0
+        order, bounds = self._bounds(epoch, cursor)
+        k = int(np.searchsorted(bounds, cursor))
+        end = int(bounds[k + 1])
+        return order[cursor:end], epoch, end
+
+    # ---------------------------------------------------------------- the stream
+    def batches_from(self, epoch: int, cursor: int) -> Iterator[np.ndarray]:
+        """This rank's batches from position (epoch, cursor) on, endlessly; does not move the plan."""
+        while True:
+            mine = None
+            for r in range(self.world_size):
+                ids, epoch, cursor = self._batch_at(epoch, cursor)
+                if r == self.rank:
+                    mine = ids
+            yield mine
+
+    def upcoming(self) -> Iterator[np.ndarray]:
+        """This rank's batches from the current position on (for readers that prefetch)."""
+        return self.batches_from(self.epoch, self.cursor)
+
+    def next(self) -> np.ndarray:
+        """This rank's next batch of sample indices; moves the position past N global batches."""
+        mine = None
+        for r in range(self.world_size):
+            ids, self.epoch, self.cursor = self._batch_at(self.epoch, self.cursor)
+            if r == self.rank:
+                mine = ids
+        return mine
+
+    def epoch_batches(self, epoch: int = 0, start: int = 0) -> Iterator[np.ndarray]:
+        """Every batch of one epoch from sample position `start` (capture's single pass)."""
+        cursor = start
+        while cursor < len(self.eligible):
+            ids, _, cursor = self._batch_at(epoch, cursor)
+            yield ids
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "budget": self.budget}
+
+    def load_state_dict(self, s: dict) -> None:
+        check_same_order(s, self.seed, self.budget)
+        self.epoch, self.cursor = int(s["epoch"]), int(s["cursor"])
