@@ -1,0 +1,38 @@
+"""bench/harness.py: the ratio table and its file, and the child runner's value and peak RSS."""
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import harness  # noqa: E402
+
+
+def _allocating(mib):
+    """Runs in the child: the step touches `mib` MiB and returns a small value."""
+    return lambda: len(b"x" * (mib << 20)) + 1
+
+
+def test_comparison_ratio_and_file(tmp_path, monkeypatch):
+    lines = harness.comparison([("fast", 2.0, 5.0), ("slow", 4.0, 1.0), ("missing", 1.0, None)],
+                               unit="ms")
+    assert lines[0] == "| case | ours (ms) | baseline (ms) | baseline / ours |"
+    assert lines[2:] == ["| fast | 2.000 | 5.000 | 2.50× |", "| slow | 4.000 | 1.000 | 0.25× |",
+                         "| missing | 1.000 | – | – |"]
+    assert harness.ratio(3.0, 0.0) == "–"
+    monkeypatch.setattr(harness, "RESULTS", tmp_path)
+    path = harness.write_result("demo", "# Demo", lines, command="python bench/demo.py --quick")
+    assert path == tmp_path / f"demo-{harness.machine_tag()}.md"
+    text = path.read_text()
+    assert text.startswith("# Demo\n\nMachine: ") and f"{harness.cpu_model()}" in text
+    assert "torch " in text and "Command: `python bench/demo.py --quick`." in text
+    assert "| fast | 2.000 | 5.000 | 2.50× |" in text
+
+
+def test_child_value_and_peak_rss():
+    idle = harness.run_child(_allocating, 0)
+    big = harness.run_child(_allocating, 200, repeats=1)
+    assert (idle.value, big.value) == (1, (200 << 20) + 1)
+    assert len(big.times) == 2 and big.best == big.times[1]
+    assert idle.peak_mib < 20
+    assert 190 < big.peak_mib - idle.peak_mib < 260
