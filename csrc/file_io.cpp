@@ -25,19 +25,19 @@ void write_all(int fd, const uint8_t* data, size_t len, const std::string& path)
   }
 }
 
-// Closes the descriptor on scope exit, so every error path releases it.
-struct Fd {
-  int fd = -1;
-  ~Fd() {
-    if (fd >= 0) ::close(fd);
-  }
-};
-
 std::string dir_of(const std::string& path) {
   const auto slash = path.rfind('/');
   if (slash == std::string::npos) return ".";
   if (slash == 0) return "/";
   return path.substr(0, slash);
+}
+
+// "<dir>/.<name>.tmp": hidden, and in the same directory so the rename cannot cross file systems.
+std::string temp_path_for(const std::string& path) {
+  const auto slash = path.rfind('/');
+  const std::string name = slash == std::string::npos ? path : path.substr(slash + 1);
+  const std::string dir = slash == std::string::npos ? "" : path.substr(0, slash + 1);
+  return dir + "." + name + ".tmp";
 }
 
 }  // namespace
@@ -72,21 +72,13 @@ size_t pread_once(int fd, void* buf, size_t len, int64_t off, const std::string&
   }
 }
 
-std::string temp_path_for(const std::string& path) {
-  const auto slash = path.rfind('/');
-  const std::string name = slash == std::string::npos ? path : path.substr(slash + 1);
-  const std::string dir = slash == std::string::npos ? "" : path.substr(0, slash + 1);
-  return dir + "." + name + ".tmp";
-}
-
 WriteResult write_file_atomic(const std::string& path, const std::vector<Part>& parts) {
   static const uint8_t kZeros[4096] = {};
   const std::string tmp = temp_path_for(path);
   Xxh64 hash;
   int64_t size = 0;
   try {
-    Fd f;
-    f.fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    Fd f(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
     if (f.fd < 0) {
       const int err = errno;
       throw SysError(err, "creating " + tmp + ": " + errno_text(err));
@@ -126,8 +118,7 @@ WriteResult write_file_atomic(const std::string& path, const std::vector<Part>& 
   }
   // The rename itself is durable only once the directory entry is.
   const std::string dir = dir_of(path);
-  Fd d;
-  d.fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  Fd d(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   if (d.fd < 0 || ::fsync(d.fd) != 0) {
     const int err = errno;
     throw SysError(err, "fsync directory " + dir + ": " + errno_text(err));
@@ -136,8 +127,7 @@ WriteResult write_file_atomic(const std::string& path, const std::vector<Part>& 
 }
 
 WriteResult hash_file(const std::string& path) {
-  Fd f;
-  f.fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  Fd f(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (f.fd < 0) {
     const int err = errno;
     throw SysError(err, "opening " + path + ": " + errno_text(err));

@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
 namespace shardio {
 
 // The data on disk is wrong (truncated, corrupt, unreadable). Python sees ShardIOError.
@@ -22,6 +24,18 @@ struct SysError : std::runtime_error {
 };
 
 std::string errno_text(int err);
+
+// Owns a file descriptor and closes it on scope exit, so every error path releases it.
+struct Fd {
+  int fd = -1;
+  Fd() = default;
+  explicit Fd(int f) : fd(f) {}
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  ~Fd() {
+    if (fd >= 0) ::close(fd);
+  }
+};
 
 // Reads up to len bytes at off; fewer only at end of file. Throws SysError on a read error.
 size_t pread_full(int fd, void* buf, size_t len, int64_t off, const std::string& path);
@@ -43,11 +57,9 @@ struct WriteResult {
 
 // Crash-safe write: the parts go to "<dir>/.<name>.tmp", which is fsynced, renamed over
 // "<dir>/<name>", and the directory fsynced. A reader sees the old file or the complete new one,
-// never a torn one; a crash leaves at most the temp file behind.
+// never a torn one; a crash leaves at most the temp file behind (ShardWriter removes such files
+// when it reopens the directory).
 WriteResult write_file_atomic(const std::string& path, const std::vector<Part>& parts);
-
-// The temp name write_file_atomic uses for `path`.
-std::string temp_path_for(const std::string& path);
 
 // Size and xxh64 of a whole file, read sequentially.
 WriteResult hash_file(const std::string& path);

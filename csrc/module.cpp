@@ -48,6 +48,9 @@ class HeldBuffer {
 };
 
 using Holds = std::vector<std::unique_ptr<HeldBuffer>>;
+// Arrays arrive from numpy in whatever layout; forcecast hands C++ a contiguous copy if needed.
+using I64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+using U64Array = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>;
 
 // Parts of a file: each item is a buffer, or an int n meaning n zero bytes (padding).
 std::vector<Part> parts_from(const py::list& items, Holds& holds) {
@@ -59,7 +62,8 @@ std::vector<Part> parts_from(const py::list& items, Holds& holds) {
       if (n < 0) throw py::value_error("parts[" + std::to_string(i) + "]: negative padding");
       parts.push_back(Part{nullptr, static_cast<size_t>(n)});
     } else {
-      holds.push_back(std::make_unique<HeldBuffer>(item, false, "parts[" + std::to_string(i) + "]"));
+      const std::string what = "parts[" + std::to_string(i) + "]";
+      holds.push_back(std::make_unique<HeldBuffer>(item, false, what));
       parts.push_back(Part{holds.back()->data(), holds.back()->size()});
     }
   }
@@ -77,7 +81,6 @@ class PyFileWriter {
     writer_.start(path, std::move(p));
     holds_ = std::move(holds);
   }
-  bool busy() const { return writer_.busy(); }
   bool finished() const { return writer_.finished(); }
   py::tuple wait() {
     if (!writer_.busy()) throw py::value_error("no write in flight");
@@ -110,9 +113,9 @@ class PyFileWriter {
 
 class PyReader {
  public:
-  PyReader(const std::vector<std::string>& paths, const std::vector<std::vector<int64_t>>& field_offsets,
-           const std::vector<py::array_t<int64_t, py::array::c_style | py::array::forcecast>>& token_offsets,
-           const std::vector<py::array_t<uint64_t, py::array::c_style | py::array::forcecast>>& checksums,
+  PyReader(const std::vector<std::string>& paths,
+           const std::vector<std::vector<int64_t>>& field_offsets,
+           const std::vector<I64Array>& token_offsets, const std::vector<U64Array>& checksums,
            std::vector<int64_t> bytes_per_token, int num_threads, bool verify, bool o_direct) {
     const size_t n = paths.size();
     if (field_offsets.size() != n || token_offsets.size() != n || checksums.size() != n)
@@ -132,8 +135,7 @@ class PyReader {
   }
   ~PyReader() { close(); }
 
-  int64_t submit(const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& samples,
-                 const py::list& dests) {
+  int64_t submit(const I64Array& samples, const py::list& dests) {
     if (dests.size() != bytes_per_token_.size())
       throw py::value_error("need " + std::to_string(bytes_per_token_.size()) +
                             " destination buffers, one per field, got " +
@@ -149,7 +151,8 @@ class PyReader {
     Holds holds;
     std::vector<uint8_t*> ptrs;
     for (size_t f = 0; f < dests.size(); ++f) {
-      holds.push_back(std::make_unique<HeldBuffer>(dests[f], true, "dests[" + std::to_string(f) + "]"));
+      const std::string what = "dests[" + std::to_string(f) + "]";
+      holds.push_back(std::make_unique<HeldBuffer>(dests[f], true, what));
       const size_t need = static_cast<size_t>(tokens * bytes_per_token_[f]);
       if (holds.back()->size() < need)
         throw py::value_error("dests[" + std::to_string(f) + "] holds " +
@@ -181,11 +184,6 @@ class PyReader {
     holds_.clear();  // only now, with no thread left writing into them
   }
 
-  int64_t num_samples() const { return reader_->num_samples(); }
-  int64_t sample_tokens(int64_t s) const {
-    if (s < 0 || s >= reader_->num_samples()) throw py::index_error("sample out of range");
-    return reader_->sample_tokens(s);
-  }
   bool o_direct_active() const { return reader_->o_direct_active(); }
 
  private:
@@ -204,7 +202,9 @@ py::array_t<T> to_numpy(const std::vector<T>& v) {
 }  // namespace
 
 PYBIND11_MODULE(_shardio, m) {
-  m.doc() = "specfast shard I/O core (C++17): checksums, crash-safe writes, threaded verified reads.";
+  m.doc() =
+      "specfast shard I/O core (C++17): checksums, crash-safe writes, threaded verified reads, "
+      "and the batch plan's seeded permutation and greedy packing.";
 
   py::register_exception<DataError>(m, "ShardIOError", PyExc_ValueError);
   py::register_exception_translator([](std::exception_ptr p) {
@@ -269,13 +269,13 @@ PYBIND11_MODULE(_shardio, m) {
       [](py::buffer data, const std::string& dtype) {
         HeldBuffer b(data, false, "data");
         const size_t item = dtype == "F32" ? 4 : 2;
-        if (b.size() % item) throw py::value_error("buffer size is not a multiple of the dtype size");
+        if (b.size() % item)
+          throw py::value_error("buffer size is not a multiple of the dtype size");
         py::gil_scoped_release nogil;
         return first_nonfinite(b.data(), b.size() / item, dtype);
       },
       py::arg("data"), py::arg("dtype"),
       "Index of the first NaN/inf element of a BF16/F16/F32 buffer, or -1.");
-  m.def("temp_path_for", &temp_path_for, py::arg("path"));
   m.def(
       "permutation",
       [](int64_t n, uint64_t seed, uint64_t epoch) {
@@ -290,7 +290,7 @@ PYBIND11_MODULE(_shardio, m) {
       py::arg("n"), py::arg("seed"), py::arg("epoch"));
   m.def(
       "pack_batches",
-      [](const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& lengths, int64_t budget) {
+      [](const I64Array& lengths, int64_t budget) {
         if (budget < 1) throw py::value_error("budget must be >= 1");
         const int64_t* l = lengths.data();
         for (py::ssize_t i = 0; i < lengths.size(); ++i)
@@ -301,24 +301,22 @@ PYBIND11_MODULE(_shardio, m) {
       },
       py::arg("lengths"), py::arg("budget"));
 
-  py::class_<PyFileWriter>(m, "FileWriter", "One crash-safe file write at a time, on a background thread.")
+  py::class_<PyFileWriter>(m, "FileWriter",
+                           "One crash-safe file write at a time, on a background thread.")
       .def(py::init<>())
       .def("start", &PyFileWriter::start, py::arg("path"), py::arg("parts"))
-      .def("busy", &PyFileWriter::busy)
       .def("finished", &PyFileWriter::finished)
       .def("wait", &PyFileWriter::wait);
 
   py::class_<PyReader>(m, "Reader", "Threaded, verified sample reads into caller buffers.")
       .def(py::init<const std::vector<std::string>&, const std::vector<std::vector<int64_t>>&,
-                    const std::vector<py::array_t<int64_t, py::array::c_style | py::array::forcecast>>&,
-                    const std::vector<py::array_t<uint64_t, py::array::c_style | py::array::forcecast>>&,
+                    const std::vector<I64Array>&, const std::vector<U64Array>&,
                     std::vector<int64_t>, int, bool, bool>(),
-           py::arg("paths"), py::arg("field_offsets"), py::arg("token_offsets"), py::arg("checksums"),
-           py::arg("bytes_per_token"), py::arg("num_threads"), py::arg("verify"), py::arg("o_direct"))
+           py::arg("paths"), py::arg("field_offsets"), py::arg("token_offsets"),
+           py::arg("checksums"), py::arg("bytes_per_token"), py::arg("num_threads"),
+           py::arg("verify"), py::arg("o_direct"))
       .def("submit", &PyReader::submit, py::arg("samples"), py::arg("dests"))
       .def("wait", &PyReader::wait, py::arg("ticket"))
       .def("close", &PyReader::close)
-      .def("num_samples", &PyReader::num_samples)
-      .def("sample_tokens", &PyReader::sample_tokens, py::arg("sample"))
       .def_property_readonly("o_direct_active", &PyReader::o_direct_active);
 }

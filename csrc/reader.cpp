@@ -33,13 +33,6 @@ int64_t file_size(int fd) {
   return ::fstat(fd, &st) == 0 ? static_cast<int64_t>(st.st_size) : -1;
 }
 
-struct Fd {
-  int fd = -1;
-  ~Fd() {
-    if (fd >= 0) ::close(fd);
-  }
-};
-
 }  // namespace
 
 Reader::Reader(std::vector<ShardLayout> shards, std::vector<int64_t> bytes_per_token,

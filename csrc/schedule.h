@@ -1,6 +1,6 @@
-// The reading schedule: which sample comes when. A seeded permutation of the samples (defined
-// here, not by a library, so it never changes under a user) and greedy packing of the permuted
-// samples into batches of at most a token budget.
+// The batch plan's primitives (specfast/data/plan.py is their only caller): a seeded permutation
+// of the samples (defined here, not by a library, so it never changes under a user and resumed
+// runs see the same order) and greedy packing of samples into batches of at most a token budget.
 #pragma once
 
 #include <cstdint>
