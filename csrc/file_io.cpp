@@ -61,17 +61,6 @@ size_t pread_full(int fd, void* buf, size_t len, int64_t off, const std::string&
   return done;
 }
 
-size_t pread_once(int fd, void* buf, size_t len, int64_t off, const std::string& path) {
-  for (;;) {
-    const ssize_t n = ::pread(fd, buf, len, off);
-    if (n >= 0) return static_cast<size_t>(n);
-    if (errno == EINTR) continue;
-    const int err = errno;
-    throw SysError(err, "reading " + path + " at byte " + std::to_string(off) + ": " +
-                            errno_text(err));
-  }
-}
-
 WriteResult write_file_atomic(const std::string& path, const std::vector<Part>& parts) {
   static const uint8_t kZeros[4096] = {};
   const std::string tmp = temp_path_for(path);

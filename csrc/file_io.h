@@ -40,10 +40,6 @@ struct Fd {
 // Reads up to len bytes at off; fewer only at end of file. Throws SysError on a read error.
 size_t pread_full(int fd, void* buf, size_t len, int64_t off, const std::string& path);
 
-// One pread (retried on EINTR): for O_DIRECT, where a short read means end of file and a
-// follow-up read at the unaligned offset would fail with EINVAL.
-size_t pread_once(int fd, void* buf, size_t len, int64_t off, const std::string& path);
-
 // One piece of a file being written: `len` bytes from `data`, or `len` zero bytes if data is null.
 struct Part {
   const uint8_t* data;

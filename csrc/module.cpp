@@ -116,7 +116,7 @@ class PyReader {
   PyReader(const std::vector<std::string>& paths,
            const std::vector<std::vector<int64_t>>& field_offsets,
            const std::vector<I64Array>& token_offsets, const std::vector<U64Array>& checksums,
-           std::vector<int64_t> bytes_per_token, int num_threads, bool verify, bool o_direct) {
+           std::vector<int64_t> bytes_per_token, int num_threads, bool verify) {
     const size_t n = paths.size();
     if (field_offsets.size() != n || token_offsets.size() != n || checksums.size() != n)
       throw py::value_error("paths, field_offsets, token_offsets and checksums differ in length");
@@ -131,7 +131,7 @@ class PyReader {
     }
     bytes_per_token_ = bytes_per_token;
     reader_ = std::make_unique<Reader>(std::move(shards), std::move(bytes_per_token), num_threads,
-                                       verify, o_direct);
+                                       verify);
   }
   ~PyReader() { close(); }
 
@@ -183,8 +183,6 @@ class PyReader {
     }
     holds_.clear();  // only now, with no thread left writing into them
   }
-
-  bool o_direct_active() const { return reader_->o_direct_active(); }
 
  private:
   std::unique_ptr<Reader> reader_;
@@ -311,12 +309,11 @@ PYBIND11_MODULE(_shardio, m) {
   py::class_<PyReader>(m, "Reader", "Threaded, verified sample reads into caller buffers.")
       .def(py::init<const std::vector<std::string>&, const std::vector<std::vector<int64_t>>&,
                     const std::vector<I64Array>&, const std::vector<U64Array>&,
-                    std::vector<int64_t>, int, bool, bool>(),
+                    std::vector<int64_t>, int, bool>(),
            py::arg("paths"), py::arg("field_offsets"), py::arg("token_offsets"),
            py::arg("checksums"), py::arg("bytes_per_token"), py::arg("num_threads"),
-           py::arg("verify"), py::arg("o_direct"))
+           py::arg("verify"))
       .def("submit", &PyReader::submit, py::arg("samples"), py::arg("dests"))
       .def("wait", &PyReader::wait, py::arg("ticket"))
-      .def("close", &PyReader::close)
-      .def_property_readonly("o_direct_active", &PyReader::o_direct_active);
+      .def("close", &PyReader::close);
 }

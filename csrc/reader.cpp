@@ -2,13 +2,10 @@
 
 #include <fcntl.h>
 #include <sys/stat.h>
-#include <unistd.h>
 
 #include <cerrno>
 #include <cinttypes>
 #include <cstdio>
-#include <cstdlib>
-#include <cstring>
 #include <stdexcept>
 #include <utility>
 
@@ -18,9 +15,7 @@
 namespace shardio {
 namespace {
 
-constexpr size_t kChunk = 1 << 20;          // hash each MiB right after it lands, while cached
-constexpr size_t kAlign = 4096;             // O_DIRECT offset, length and address alignment
-constexpr size_t kBounce = 4 << 20;         // O_DIRECT staging buffer per thread
+constexpr size_t kChunk = 1 << 20;  // hash each MiB right after it lands, while cached
 
 std::string hex64(uint64_t v) {
   char buf[19];
@@ -36,11 +31,8 @@ int64_t file_size(int fd) {
 }  // namespace
 
 Reader::Reader(std::vector<ShardLayout> shards, std::vector<int64_t> bytes_per_token,
-               int num_threads, bool verify, bool o_direct)
-    : shards_(std::move(shards)),
-      bytes_per_token_(std::move(bytes_per_token)),
-      verify_(verify),
-      o_direct_(o_direct) {
+               int num_threads, bool verify)
+    : shards_(std::move(shards)), bytes_per_token_(std::move(bytes_per_token)), verify_(verify) {
   if (num_threads < 1) throw std::invalid_argument("num_threads must be >= 1");
   for (size_t s = 0; s < shards_.size(); ++s) {
     const ShardLayout& sh = shards_[s];
@@ -123,8 +115,6 @@ void Reader::close() {
 }
 
 void Reader::worker() {
-  void* bounce = nullptr;
-  if (::posix_memalign(&bounce, kAlign, kBounce) != 0) bounce = nullptr;
   for (;;) {
     Job job;
     {
@@ -142,8 +132,7 @@ void Reader::worker() {
     }
     if (!skip) {
       try {
-        if (!bounce) throw DataError("out of memory for the O_DIRECT staging buffer");
-        read_sample(job, static_cast<uint8_t*>(bounce));
+        read_sample(job);
       } catch (const std::exception& e) {
         error = e.what();
       }
@@ -154,32 +143,17 @@ void Reader::worker() {
       if (--job.batch->remaining == 0) done_cv_.notify_all();
     }
   }
-  std::free(bounce);
 }
 
-void Reader::read_sample(const Job& job, uint8_t* bounce) {
-  if (o_direct_.load()) {
-    try {
-      read_fields(job, /*direct=*/true, bounce);
-      return;
-    } catch (const DirectUnsupported&) {
-      o_direct_.store(false);  // the file system said no: buffered reads from now on
-    }
-  }
-  read_fields(job, /*direct=*/false, bounce);
-}
-
-void Reader::read_fields(const Job& job, bool direct, uint8_t* bounce) {
+void Reader::read_sample(const Job& job) {
   const ShardLayout& sh = shards_[shard_of_sample_[job.sample]];
   const int32_t local = local_of_sample_[job.sample];
   const int64_t t0 = sh.token_offsets[local];
   const int64_t ntok = sh.token_offsets[local + 1] - t0;
 
-  Fd f;
-  f.fd = ::open(sh.path.c_str(), O_RDONLY | O_CLOEXEC | (direct ? O_DIRECT : 0));
+  Fd f(::open(sh.path.c_str(), O_RDONLY | O_CLOEXEC));
   if (f.fd < 0) {
     const int err = errno;
-    if (direct && err == EINVAL) throw DirectUnsupported{};
     throw DataError("cannot open " + where(job.sample) + ": " + errno_text(err));
   }
   auto truncated = [&](int64_t needed_end) {
@@ -196,38 +170,15 @@ void Reader::read_fields(const Job& job, bool direct, uint8_t* bounce) {
     const int64_t end = off + static_cast<int64_t>(len);
     uint8_t* dst = job.batch->dests[field] + job.dest_token * bpt;
     try {
-      if (!direct) {
-        while (len > 0) {
-          const size_t want = len < kChunk ? len : kChunk;
-          if (pread_full(f.fd, dst, want, off, sh.path) < want) throw truncated(end);
-          if (verify_) hash.update(dst, want);
-          dst += want;
-          off += static_cast<int64_t>(want);
-          len -= want;
-        }
-      } else {
-        // O_DIRECT needs aligned offsets and lengths: read the aligned cover into the bounce
-        // buffer and copy out the wanted bytes.
-        int64_t pos = off & ~static_cast<int64_t>(kAlign - 1);
-        size_t skip = static_cast<size_t>(off - pos);
-        while (len > 0) {
-          size_t want = (skip + len + kAlign - 1) & ~(kAlign - 1);
-          if (want > kBounce) want = kBounce;
-          const size_t got = pread_once(f.fd, bounce, want, pos, sh.path);
-          const size_t avail = got > skip ? got - skip : 0;
-          const size_t take = avail < len ? avail : len;
-          if (take == 0) throw truncated(end);
-          std::memcpy(dst, bounce + skip, take);
-          if (verify_) hash.update(dst, take);
-          dst += take;
-          len -= take;
-          if (len > 0 && got < want) throw truncated(end);  // a short O_DIRECT read is EOF
-          pos += static_cast<int64_t>(want);
-          skip = 0;
-        }
+      while (len > 0) {
+        const size_t want = len < kChunk ? len : kChunk;
+        if (pread_full(f.fd, dst, want, off, sh.path) < want) throw truncated(end);
+        if (verify_) hash.update(dst, want);
+        dst += want;
+        off += static_cast<int64_t>(want);
+        len -= want;
       }
     } catch (const SysError& e) {
-      if (direct && e.err == EINVAL) throw DirectUnsupported{};
       throw DataError("read failed in " + where(job.sample) + ": " + e.what());
     }
   }

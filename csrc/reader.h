@@ -3,7 +3,6 @@
 // the GIL held: submit() only queues, wait() is called with the GIL released.
 #pragma once
 
-#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -27,18 +26,15 @@ struct ShardLayout {
 class Reader {
  public:
   // bytes_per_token[f] is the width in bytes of one token of per-token field f, in the order of
-  // ShardLayout::field_offsets. o_direct asks for O_DIRECT reads through an aligned bounce buffer;
-  // where the file system refuses them the reader falls back to buffered reads
-  // (o_direct_active() then turns false).
+  // ShardLayout::field_offsets. Reads go through the page cache.
   Reader(std::vector<ShardLayout> shards, std::vector<int64_t> bytes_per_token, int num_threads,
-         bool verify, bool o_direct);
+         bool verify);
   ~Reader();
   Reader(const Reader&) = delete;
   Reader& operator=(const Reader&) = delete;
 
   int64_t num_samples() const { return static_cast<int64_t>(shard_of_sample_.size()); }
   int64_t sample_tokens(int64_t sample) const;
-  bool o_direct_active() const { return o_direct_.load(); }
 
   // Queues `samples` (dataset-wide indices) to be packed, in order, into dests: dests[f] receives
   // field f of every sample back to back and must hold sum(tokens) * bytes_per_token[f] bytes,
@@ -61,11 +57,9 @@ class Reader {
     int64_t sample;      // dataset-wide index
     int64_t dest_token;  // where the sample starts inside the batch, in tokens
   };
-  struct DirectUnsupported {};
 
   void worker();
-  void read_sample(const Job& job, uint8_t* bounce);
-  void read_fields(const Job& job, bool direct, uint8_t* bounce);
+  void read_sample(const Job& job);
   std::string where(int64_t sample) const;
 
   std::vector<ShardLayout> shards_;
@@ -73,7 +67,6 @@ class Reader {
   std::vector<int32_t> shard_of_sample_;
   std::vector<int32_t> local_of_sample_;
   bool verify_;
-  std::atomic<bool> o_direct_;
 
   std::mutex mu_;
   std::condition_variable work_cv_;

@@ -67,7 +67,8 @@ bytes. safetensors requires the data region to be covered exactly, with no holes
 and nothing after the last one (``safe_open`` rejects both; verified), so alignment cannot come
 from gaps: after every tensor whose end is not a multiple of 4096, a ``pad.<name>`` U8 tensor
 fills the gap to the next 4 KiB boundary. Every tensor, and the end of the file, is therefore
-4 KiB aligned (O_DIRECT- and GPUDirect-friendly); the cost is < 4 KiB per tensor per shard.
+4 KiB aligned (a reader may use O_DIRECT or GPUDirect Storage on them; specfast's own reader
+reads through the page cache); the cost is < 4 KiB per tensor per shard.
 Tensors appear in the order of the table. ``__metadata__`` holds ``format`` ("specfast-shard"),
 ``version``, ``samples``, ``tokens``, ``hidden_size``, ``aux_layer_ids`` (JSON list) and
 ``aux_layer_convention``, so a shard copied out alone still says what it holds.
@@ -809,12 +810,12 @@ class ShardDataset:
         if not isinstance(i, (int, np.integer)) or not 0 <= i < len(self):
             raise IndexError(f"sample index {i!r} out of range [0, {len(self)})")
 
-    def _native_reader(self, num_threads: int, verify: bool, o_direct: bool) -> Any:
+    def _native_reader(self, num_threads: int, verify: bool) -> Any:
         """A C++ reader over this dataset's shards (used by ShardReader)."""
         return _shardio.Reader(
             [str(s.path) for s in self._shards], [s.field_offsets for s in self._shards],
             [s.token_offsets for s in self._shards], [s.checksums for s in self._shards],
-            [f.bytes_per_token for f in self.fields], num_threads, verify, o_direct)
+            [f.bytes_per_token for f in self.fields], num_threads, verify)
 
     def _buffer_pool(self, nbytes: int, pin_memory: bool, keep: int) -> _HostBuffers:
         """Batch buffers shared by this dataset's readers, so the next epoch's reader reuses
@@ -832,7 +833,7 @@ class ShardDataset:
         n = int(self.sample_lengths[i])
         out = {f.name: torch.empty((n, *f.token_shape), dtype=f.torch_dtype) for f in self.fields}
         if self._native_single is None or self._native_single[0] != verify:
-            self._native_single = (verify, self._native_reader(1, verify, False))
+            self._native_single = (verify, self._native_reader(1, verify))
         native = self._native_single[1]
         dests = [out[f.name].view(torch.uint8).numpy() for f in self.fields]
         with _native_errors():
@@ -890,8 +891,7 @@ class ShardReader:
     dtypes), ``offsets`` (int64 [B+1], sample boundaries within the batch) and ``sample_ids``
     (int64 [B], dataset indices). ``num_threads`` C++ threads read up to ``prefetch`` batches
     ahead, without the GIL, into pinned memory if ``pin_memory`` (needs CUDA) and verify every
-    sample's checksum if ``verify``. ``o_direct`` bypasses the page cache where the file system
-    allows it (otherwise it falls back to buffered reads and logs that once).
+    sample's checksum if ``verify``.
 
     Resuming: :meth:`position` is the permutation index of the first sample not yet yielded;
     a reader built with the same dataset, token_budget, seed and epoch and ``start=position()``
@@ -900,7 +900,7 @@ class ShardReader:
 
     def __init__(self, dataset: ShardDataset, token_budget: int, seed: int, epoch: int = 0,
                  start: int = 0, *, num_threads: int = 4, prefetch: int = 2,
-                 pin_memory: bool = False, verify: bool = True, o_direct: bool = False) -> None:
+                 pin_memory: bool = False, verify: bool = True) -> None:
         if not isinstance(dataset, ShardDataset):
             raise ValueError(f"dataset must be a ShardDataset, got {type(dataset).__name__}")
         for name, value, low in (("token_budget", token_budget, 1), ("seed", seed, 0),
@@ -917,7 +917,6 @@ class ShardReader:
                              "pass pin_memory=torch.cuda.is_available()")
         self.dataset, self.token_budget = dataset, int(token_budget)
         self.seed, self.epoch, self.start = int(seed), int(epoch), int(start)
-        self._o_direct_requested = o_direct
         self._order = _shardio.permutation(len(dataset), self.seed, self.epoch)
         lengths = dataset.sample_lengths[self._order]
         too_long = np.flatnonzero(dataset.sample_lengths > self.token_budget)
@@ -940,7 +939,7 @@ class ShardReader:
                                              keep=prefetch + 2)
         self._pin = pin_memory
         self._prefetch = int(prefetch)
-        self._native = dataset._native_reader(int(num_threads), verify, o_direct)
+        self._native = dataset._native_reader(int(num_threads), verify)
         self._pending: deque[tuple[int, dict]] = deque()
         self._next_submit = 0
         self._next_yield = 0
@@ -968,10 +967,6 @@ class ShardReader:
         with _native_errors():
             self._native.wait(ticket)
         self._next_yield += 1
-        if self._o_direct_requested and not self._native.o_direct_active:
-            logger.warning("O_DIRECT is not supported for %s; reading through the page cache",
-                           self.dataset.path)
-            self._o_direct_requested = False
         return batch
 
     def _fill(self) -> None:

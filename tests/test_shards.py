@@ -200,7 +200,7 @@ def test_reader_packs_shuffles_and_keeps_data(dataset_dir):
             a, e = offsets[j], offsets[j + 1]
             assert e - a == len(samples[sid]["input_ids"])
             assert_sample_equal({f: b[f][a:e] for f in ds.field_names}, samples[sid])
-    again = epoch_batches(ds, token_budget=budget, seed=11, epoch=2, num_threads=1, o_direct=True)
+    again = epoch_batches(ds, token_budget=budget, seed=11, epoch=2, num_threads=1)
     assert len(again) == len(batches)
     for x, y in zip(batches, again):
         assert all(torch.equal(x[k], y[k]) for k in x)
@@ -314,13 +314,13 @@ def test_truncated_shard(small_ds):
         ds.read_sample(last)
 
 
-def test_truncated_shard_with_o_direct(small_ds):
+def test_truncated_shard_through_reader(small_ds):
     path, _ = small_ds
     ds = ShardDataset(path)
     shard = path / "shard-000000.safetensors"
     os.truncate(shard, tensor_start(shard, "final_hidden") - 3000)  # not 4 KiB aligned
     with pytest.raises(ShardError, match=r"truncated shard: .*shard-000000\.safetensors, sample"):
-        for _ in ShardReader(ds, token_budget=200, seed=1, o_direct=True):
+        for _ in ShardReader(ds, token_budget=200, seed=1):
             pass
 
 
