@@ -1,4 +1,5 @@
-"""Hidden-state shards: format, round trip, reader (shuffle, packing, resume), bad data, crash safety."""
+"""Hidden-state shards: format, round trip, reader (given batches, prefetch, resume through the
+batch plan), bad data, crash safety."""
 import gc
 import json
 import os
@@ -15,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from specfast import _shardio
+from specfast.data.plan import BatchPlan
 from specfast.shards import (AUX_LAYER_CONVENTION, ShardDataset, ShardError, ShardReader,
                              ShardWriter)
 
@@ -176,79 +178,156 @@ def test_permutation_is_pinned_and_seeded():
     assert not np.array_equal(p, _shardio.permutation(1000, 8, 3))
 
 
-def epoch_batches(ds, **kw):
-    with ShardReader(ds, **kw) as r:
+def epoch_batches(ds, budget, seed, epoch=0, start=0, **kw):
+    """Every batch of one epoch of the batch plan, as the reader yields them."""
+    plan = BatchPlan(ds.sample_lengths, budget, seed)
+    with ShardReader(ds, plan.epoch_batches(epoch, start), budget, **kw) as r:
         return [b for b in r]
 
 
-def test_reader_packs_shuffles_and_keeps_data(dataset_dir):
+def assert_batch_holds_samples(b, ds, samples):
+    offsets = b["offsets"].tolist()
+    for j, sid in enumerate(b["sample_ids"].tolist()):
+        a, e = offsets[j], offsets[j + 1]
+        assert e - a == len(samples[sid]["input_ids"])
+        assert_sample_equal({f: b[f][a:e] for f in ds.field_names}, samples[sid])
+
+
+def assert_same_batches(xs, ys):
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in y)
+
+
+def test_reader_reads_the_plans_shuffled_packed_epoch(dataset_dir):
     path, samples = dataset_dir
     ds = ShardDataset(path)
     budget = 150
-    batches = epoch_batches(ds, token_budget=budget, seed=11, epoch=2, num_threads=2, prefetch=3)
+    batches = epoch_batches(ds, budget, seed=11, epoch=2, num_threads=2, prefetch=3)
     order = torch.cat([b["sample_ids"] for b in batches]).tolist()
     assert order == _shardio.permutation(len(ds), 11, 2).tolist()  # every sample once, in order
     assert order != sorted(order)
     for k, b in enumerate(batches):  # batches were all held at once: none was overwritten
-        offsets = b["offsets"].tolist()
-        total = offsets[-1]
+        total = int(b["offsets"][-1])
         assert total <= budget and b["input_ids"].shape[0] == total
         assert b["aux_hidden"].shape == (total, 3 * H) and b["aux_hidden"].dtype == torch.bfloat16
         if k + 1 < len(batches):  # greedy: the next batch's first sample would not have fitted
             assert total + int(ds.sample_lengths[batches[k + 1]["sample_ids"][0]]) > budget
-        for j, sid in enumerate(b["sample_ids"].tolist()):
-            a, e = offsets[j], offsets[j + 1]
-            assert e - a == len(samples[sid]["input_ids"])
-            assert_sample_equal({f: b[f][a:e] for f in ds.field_names}, samples[sid])
-    again = epoch_batches(ds, token_budget=budget, seed=11, epoch=2, num_threads=1)
-    assert len(again) == len(batches)
-    for x, y in zip(batches, again):
-        assert all(torch.equal(x[k], y[k]) for k in x)
+        assert_batch_holds_samples(b, ds, samples)
+    assert_same_batches(batches, epoch_batches(ds, budget, seed=11, epoch=2, num_threads=1))
 
 
-def test_reader_resumes_exactly_from_position(dataset_dir):
+def test_reader_yields_exactly_the_given_batches_in_order(dataset_dir):
+    path, samples = dataset_dir
+    ds = ShardDataset(path)
+    budget = int(ds.sample_lengths.max()) * 3
+    given = [np.array([5]), np.array([36, 0, 5]), np.array([2, 2], dtype=np.int32),
+             np.arange(3, 0, -1), [7, 8]]  # repeats, any order, any integer dtype or a list
+    source = [np.asarray(g).copy() for g in given]
+    with ShardReader(ds, iter(source), budget, prefetch=2) as r:
+        got = list(r)
+    assert [b["sample_ids"].tolist() for b in got] == [list(map(int, g)) for g in given]
+    for b in got:
+        assert b["sample_ids"].dtype == b["offsets"].dtype == torch.int64
+        assert_batch_holds_samples(b, ds, samples)
+    source[1][0] = 1  # the batch owns its ids: changing the caller's array changes nothing
+    assert got[1]["sample_ids"][0] == 36
+
+
+def test_reader_pulls_an_endless_plan_only_as_far_as_it_prefetches(dataset_dir):
     ds = ShardDataset(dataset_dir[0])
-    full = epoch_batches(ds, token_budget=100, seed=5, epoch=1)
-    r = ShardReader(ds, token_budget=100, seed=5, epoch=1)
-    assert len(r) == len(full) and r.position() == 0
-    head = [next(r) for _ in range(4)]
-    pos = r.position()
-    assert pos == sum(len(b["sample_ids"]) for b in head)
+    budget, prefetch = 100, 3
+    plan = BatchPlan(ds.sample_lengths, budget, seed=5)
+    pulled = []
+
+    def endless():
+        for ids in plan.upcoming():  # never ends: epoch after epoch
+            pulled.append(ids)
+            yield ids
+
+    r = ShardReader(ds, endless(), budget, prefetch=prefetch, num_threads=2)
+    assert pulled == []  # nothing is read before the first batch is asked for
+    n = 3 * len(list(plan.epoch_batches(0)))  # three epochs: the stream crosses epoch ends
+    want = BatchPlan(ds.sample_lengths, budget, seed=5)
+    for k in range(n):
+        b = next(r)
+        assert b["sample_ids"].tolist() == want.next().tolist()
+        assert len(pulled) == k + 1 + prefetch
+    r.close()  # abandons the batches read ahead and pulls nothing more
+    assert len(pulled) == n + prefetch
+    with pytest.raises(ValueError, match="closed"):
+        next(r)
+
+
+def test_reader_resumes_through_the_plan_position(dataset_dir):
+    ds = ShardDataset(dataset_dir[0])
+    budget = 100
+    per_epoch = len(list(BatchPlan(ds.sample_lengths, budget, seed=5).epoch_batches(0)))
+    total = per_epoch + 4  # across an epoch boundary
+    with ShardReader(ds, BatchPlan(ds.sample_lengths, budget, seed=5).upcoming(), budget) as r:
+        full = [next(r) for _ in range(total)]
+    plan = BatchPlan(ds.sample_lengths, budget, seed=5)
+    r = ShardReader(ds, plan.upcoming(), budget, prefetch=4)
+    head = []
+    for _ in range(per_epoch - 2):
+        head.append(next(r))
+        plan.next()
+    state = plan.state_dict()
     r.close()  # abandons batches read ahead
-    rest = epoch_batches(ds, token_budget=100, seed=5, epoch=1, start=pos)
-    assert len(head) + len(rest) == len(full)
-    for x, y in zip(head + rest, full):
-        assert all(torch.equal(x[k], y[k]) for k in y)
-    end = ShardReader(ds, token_budget=100, seed=5, epoch=1, start=len(ds))
-    assert len(end) == 0 and list(end) == [] and end.position() == len(ds)
+    resumed = BatchPlan(ds.sample_lengths, budget, seed=5)
+    resumed.load_state_dict(state)
+    with ShardReader(ds, resumed.upcoming(), budget) as r:
+        rest = [next(r) for _ in range(total - len(head))]
+    assert_same_batches(head + rest, full)
+    # A finished epoch resumed at its end: nothing left.
+    assert epoch_batches(ds, budget, seed=5, start=len(ds)) == []
 
 
 def test_reader_rejects_sample_longer_than_budget_and_bad_args(dataset_dir):
     ds = ShardDataset(dataset_dir[0])
     longest = int(ds.sample_lengths.max())
-    with pytest.raises(ValueError, match=rf"longest is dataset sample \d+ \(shard-\d+\.safetensors, "
-                                         rf"sample \d+\) with {longest} tokens"):
-        ShardReader(ds, token_budget=longest - 1, seed=0)
-    with pytest.raises(ValueError, match="start="):
-        ShardReader(ds, token_budget=longest, seed=0, start=len(ds) + 1)
+    with pytest.raises(ValueError, match=rf"longest is dataset sample \d+ "
+                                         rf"\(shard-\d+\.safetensors, sample \d+\) "
+                                         rf"with {longest} tokens"):
+        ShardReader(ds, [], token_budget=longest - 1)
     with pytest.raises(ValueError, match="num_threads"):
-        ShardReader(ds, token_budget=longest, seed=0, num_threads=0)
+        ShardReader(ds, [], longest, num_threads=0)
+    with pytest.raises(ValueError, match="token_budget"):
+        ShardReader(ds, [], 0)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="pin_memory"):
-            ShardReader(ds, token_budget=longest, seed=0, pin_memory=True)
+            ShardReader(ds, [], longest, pin_memory=True)
+
+
+@pytest.mark.parametrize("bad,error,msg", [
+    (np.arange(37), ValueError, r"batch 1 holds \d+ tokens in 37 samples, more than "
+                                r"token_budget="),
+    (np.array([], dtype=np.int64), ValueError, "batch 1 must be a non-empty 1-D integer array"),
+    (np.array([[1, 2]]), ValueError, "batch 1 must be a non-empty 1-D integer array"),
+    (np.array([1.0]), ValueError, "batch 1 must be a non-empty 1-D integer array"),
+    (np.array([3, 37]), IndexError, r"batch 1: sample index 37 out of range \[0, 37\)"),
+])
+def test_reader_bad_batch_fails_at_its_turn(dataset_dir, bad, error, msg):
+    path, samples = dataset_dir
+    ds = ShardDataset(path)
+    budget = int(ds.sample_lengths.max())
+    r = ShardReader(ds, [np.array([0]), bad, np.array([1])], budget, prefetch=3)
+    first = next(r)  # the batch before the bad one is yielded, intact
+    with pytest.raises(error, match=msg):
+        next(r)
+    assert list(r) == []  # and nothing after it
+    assert_batch_holds_samples(first, ds, samples)
+    r.close()
 
 
 def test_abandoned_reader_keeps_yielded_batch_intact(dataset_dir):
     path, samples = dataset_dir
     ds = ShardDataset(path)
-    r = ShardReader(ds, token_budget=120, seed=4, prefetch=4)
+    r = ShardReader(ds, BatchPlan(ds.sample_lengths, 120, seed=4).upcoming(), 120, prefetch=4)
     first = next(r)
     del r  # batches still being read ahead: threads are joined before their buffers go
     gc.collect()
-    offsets = first["offsets"].tolist()
-    for j, sid in enumerate(first["sample_ids"].tolist()):
-        a, e = offsets[j], offsets[j + 1]
-        assert_sample_equal({f: first[f][a:e] for f in ds.field_names}, samples[sid])
+    assert_batch_holds_samples(first, ds, samples)
 
 
 # ----------------------------------------------------------------------------- bad data
@@ -288,11 +367,10 @@ def test_flipped_data_byte_names_file_and_sample(small_ds):
         ds.read_sample(1)
     ds.read_sample(0)  # neighbours are unaffected
     with pytest.raises(ShardError, match=msg):
-        for _ in ShardReader(ds, token_budget=200, seed=0):
-            pass
+        epoch_batches(ds, 200, seed=0)
     with pytest.raises(ShardError, match=f"{file}: file checksum mismatch"):
         ds.verify()
-    batches = epoch_batches(ds, token_budget=200, seed=0, verify=False)  # opt-out reads it anyway
+    batches = epoch_batches(ds, 200, seed=0, verify=False)  # opt-out reads it anyway
     assert sum(len(b["sample_ids"]) for b in batches) == len(ds)
 
 
@@ -320,8 +398,7 @@ def test_truncated_shard_through_reader(small_ds):
     shard = path / "shard-000000.safetensors"
     os.truncate(shard, tensor_start(shard, "final_hidden") - 3000)  # not 4 KiB aligned
     with pytest.raises(ShardError, match=r"truncated shard: .*shard-000000\.safetensors, sample"):
-        for _ in ShardReader(ds, token_budget=200, seed=1):
-            pass
+        epoch_batches(ds, 200, seed=1)
 
 
 def test_damaged_header(small_ds):
@@ -364,8 +441,8 @@ def test_missing_shard_and_bad_manifest(small_ds):
 def test_manifest_disagrees_with_expectation(dataset_dir, key, value):
     path, _ = dataset_dir
     have = config(dtype="bfloat16")[key]
-    with pytest.raises(ShardError, match=rf"manifest\.json does not match what is expected: "
-                                         rf"{key} is {have!r}, expected {value!r}".replace("[", r"\[")):
+    msg = rf"manifest\.json does not match what is expected: {key} is {have!r}, expected {value!r}"
+    with pytest.raises(ShardError, match=msg.replace("[", r"\[")):
         ShardDataset(path, expect={key: value})
     ShardDataset(path, expect={key: have})
     with pytest.raises(ValueError, match="unknown capture key"):
@@ -495,7 +572,8 @@ def test_killed_writer_resumes_to_identical_dataset(tmp_path):
     assert got == want and got["complete"]
     for entry in want["shards"]:
         assert (out / entry["file"]).read_bytes() == (ref / entry["file"]).read_bytes()
-    assert sorted(p.name for p in out.glob("shard-*")) == sorted(p.name for p in ref.glob("shard-*"))
+    names = [sorted(p.name for p in d.glob("shard-*")) for d in (out, ref)]
+    assert names[0] == names[1]
 
 
 def _committed_samples(path):
