@@ -96,7 +96,11 @@ def measure(step: Callable[[], Any], repeats: int = 0) -> Measured:
 
 # -------------------------------------------------------------------------------- isolation
 class ChildError(RuntimeError):
-    """A child process failed; the message ends with the last line of its stderr."""
+    """A child process failed; ``detail`` is the last line of its stderr (or its exit status)."""
+
+    def __init__(self, what: str, detail: str):
+        super().__init__(f"{what}: {detail}")
+        self.detail = detail
 
 
 def pinned_cores(threads: int) -> list[int]:
@@ -153,8 +157,8 @@ def run_child(prepare: Callable[..., Callable[[], Any]], *args, threads: int = 1
                           capture_output=True)
         if res.returncode != 0 or not out.is_file():
             err = res.stderr.decode(errors="replace").strip().splitlines()
-            raise ChildError(f"{getattr(prepare, '__name__', prepare)}{args}: "
-                             + (err[-1] if err else f"exit status {res.returncode}"))
+            raise ChildError(f"{getattr(prepare, '__name__', prepare)}{args}",
+                             err[-1] if err else f"rc={res.returncode}")
         return pickle.loads(out.read_bytes())
 
 

@@ -22,28 +22,19 @@ Bytes (minimum traffic, element size e): forward reads hidden, weight and the te
 6·T·H·V / 989 TFLOP/s (H100 SXM) and "% of roofline" is achieved TFLOP/s ÷ 989. With the
 recompute, ours cannot exceed 75% of it.
 
-CPU peak memory: every (method, shape) runs in a fresh subprocess; peak = the process's peak RSS
-during forward + backward minus its RSS just before (inputs already allocated), read from
-/proc/self/status (VmHWM, VmRSS) after resetting the high-water mark through /proc/self/clear_refs.
-(tracemalloc does not see torch's allocations; RSS does.) The grads (T·H + V·H fp32) are part of
-both methods' peaks.
+CPU peak memory: every (method, shape) runs in a fresh process (bench/harness.py's run_child, with
+this process's torch thread count); peak = the extra RSS of one forward + backward over the inputs,
+as bench/harness.py defines it. The grads (T·H + V·H fp32) are part of both methods' peaks.
 GPU peak memory: torch.cuda.max_memory_allocated over forward + backward, minus the inputs.
 """
 import argparse
-import json
 import os
-import platform
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import torch
+from harness import cpu_model, ratio, run_child, write_result
 
 from specfast.kernels import pruned_vocab_loss, pruned_vocab_loss_reference
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 TOKENS = [1024, 4096, 16384]
 SHAPES = [(576, 16384), (4096, 32768)]  # (H, V)
 H100_BF16_TFLOPS = 989.0  # dense, SXM
@@ -80,31 +71,21 @@ METHODS = {
 
 
 # ------------------------------------------------------------------------------------------------ CPU
-def _proc_kib(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def cpu_child(method, T, H, V):
-    """Runs in its own process: time and peak extra RSS of one forward + backward. Prints one JSON line."""
+def cpu_case(method, T, H, V):
+    """In the child, not measured: warm up, make the inputs; returns the measured step."""
     fn = METHODS[method]
     fwd_bwd(fn, *make_inputs(8, H, 64, "cpu", torch.float32))  # thread pools, allocator: not part of the peak
     inputs = make_inputs(T, H, V, "cpu", torch.float32)
-    base = _proc_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    t0 = time.perf_counter()
-    fwd_bwd(fn, *inputs)
-    seconds = time.perf_counter() - t0
-    print(json.dumps({"s": seconds, "peak_mib": (_proc_kib("VmHWM") - base) / 1024}))
+
+    def step():
+        fwd_bwd(fn, *inputs)  # the grads are dropped here, not sent back
+
+    return step
 
 
-def run_child(method, T, H, V):
-    cmd = [sys.executable, __file__, "--child", method, str(T), str(H), str(V)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+def run_case(method, T, H, V, threads):
+    m = run_child(cpu_case, method, T, H, V, threads=threads)
+    return {"s": m.seconds, "peak_mib": m.peak_mib}
 
 
 def best_of(results):
@@ -129,18 +110,16 @@ def run_cpu(args):
             with_ref = est <= args.ref_cap_gib
             ours, ref = [], []
             for _ in range(args.rounds if with_ref else 1):  # interleaved, so load swings hit both alike
-                ours.append(run_child("ours", T, H, V))
+                ours.append(run_case("ours", T, H, V, threads))
                 if with_ref:
-                    ref.append(run_child("reference", T, H, V))
+                    ref.append(run_case("reference", T, H, V, threads))
             rows.append((T, H, V, best_of(ours), best_of(ref) if ref else None, est))
             print(_cpu_row(*rows[-1], args.ref_cap_gib), flush=True)
     load_after = os.getloadavg()[0]
 
-    cpu = _cpu_name()
+    title = f"### CPU ({cpu_model()}, {threads} threads, torch {torch.__version__}, fp32)"
     lines = [
-        f"### CPU ({cpu}, {threads} threads, torch {torch.__version__}, fp32)",
-        "",
-        f"`{_command()}`. Forward + backward, "
+        "Forward + backward, "
         f"90% of rows supervised, best of {args.rounds} interleaved runs (ours, reference, ours, ...; "
         "1 run where the reference is not run), each in a fresh process. Peak = extra RSS "
         f"over the inputs. 1-min load average {load_before:.1f} before, {load_after:.1f} after (times are "
@@ -150,7 +129,7 @@ def run_cpu(args):
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [_cpu_row(*r, args.ref_cap_gib) for r in rows]
-    _save(f"pruned_vocab_loss-cpu-{os.cpu_count()}core.md", lines)
+    write_result("pruned_vocab_loss", title, lines)
 
 
 def _cpu_row(T, H, V, ours, ref, est, cap):
@@ -159,18 +138,9 @@ def _cpu_row(T, H, V, ours, ref, est, cap):
     if ref is None:
         return (f"{head} not run: est. peak {est:.0f} GiB > {cap:.0f} GiB cap (shared 24 GiB machine) | | "
                 f"{gflops:.1f} | {ours['peak_mib']:.0f} | | |")
-    return (f"{head} {ref['s']:.2f} | {ref['s'] / ours['s']:.2f}× | {gflops:.1f} | {ours['peak_mib']:.0f} | "
-            f"{ref['peak_mib']:.0f} | {ref['peak_mib'] / max(ours['peak_mib'], 1):.1f}× |")
-
-
-def _cpu_name():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
+    return (f"{head} {ref['s']:.2f} | {ratio(ref['s'], ours['s'])} | {gflops:.1f} | "
+            f"{ours['peak_mib']:.0f} | {ref['peak_mib']:.0f} | "
+            f"{ratio(ref['peak_mib'], max(ours['peak_mib'], 1), 1)} |")
 
 
 # ------------------------------------------------------------------------------------------------ GPU
@@ -204,10 +174,9 @@ def run_gpu(args):
             print(_gpu_row(row, is_h100), flush=True)
             del inputs
 
+    title = f"### CUDA ({name}, torch {torch.__version__}, triton {triton.__version__}, bf16)"
     lines = [
-        f"### CUDA ({name}, torch {torch.__version__}, triton {triton.__version__}, bf16)",
-        "",
-        f"`{_command()}`. Forward + backward, 90% of rows supervised, "
+        "Forward + backward, 90% of rows supervised, "
         "`triton.testing.do_bench` median. TFLOP/s counts 6·T·H·V; roofline = H100 SXM 989 dense bf16 "
         "TFLOP/s (compute-bound: see the script's docstring). Peak = max allocated over the inputs.",
         "",
@@ -216,8 +185,7 @@ def run_gpu(args):
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [_gpu_row(r, is_h100) for r in rows]
-    tag = "h100" if is_h100 else name.lower().replace(" ", "-")
-    _save(f"pruned_vocab_loss-cuda-{tag}.md", lines)
+    write_result("pruned_vocab_loss", title, lines, device="cuda")
 
 
 def _gpu_row(r, is_h100):
@@ -227,25 +195,13 @@ def _gpu_row(r, is_h100):
     ours = r["ours"]
     roof = f"{100 * ours['tflops'] / H100_BF16_TFLOPS:.0f}%" if (ours and is_h100) else "n/a"
 
-    def ratio(m):
-        return f"{r[m]['ms'] / ours['ms']:.2f}×" if (ours and r.get(m)) else "n/a"
+    def vs(m):
+        return ratio(r[m]["ms"], ours["ms"]) if (ours and r.get(m)) else "n/a"
 
     return (f"| {r['T']} | {r['H']} | {r['V']} | {cell('ours', 'ms', '{:.3f}')} | {cell('ours', 'tflops', '{:.0f}')} "
-            f"| {roof} | {cell('eager', 'ms', '{:.3f}')} | {cell('compile', 'ms', '{:.3f}')} | {ratio('eager')} "
-            f"| {ratio('compile')} | {cell('ours', 'peak_mib', '{:.0f}')} | {cell('eager', 'peak_mib', '{:.0f}')} "
+            f"| {roof} | {cell('eager', 'ms', '{:.3f}')} | {cell('compile', 'ms', '{:.3f}')} | {vs('eager')} "
+            f"| {vs('compile')} | {cell('ours', 'peak_mib', '{:.0f}')} | {cell('eager', 'peak_mib', '{:.0f}')} "
             f"| {cell('compile', 'peak_mib', '{:.0f}')} |")
-
-
-def _command():
-    return " ".join(["python", "bench/pruned_vocab_loss.py"] + sys.argv[1:])
-
-
-def _save(filename, lines):
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / filename
-    path.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"saved {path}")
 
 
 def main():
@@ -255,12 +211,8 @@ def main():
     ap.add_argument("--ref-cap-gib", type=float, default=8.0,
                     help="CPU: skip the reference where its estimated peak exceeds this")
     ap.add_argument("--rounds", type=int, default=2, help="CPU: interleaved runs per method and shape")
-    ap.add_argument("--child", nargs=4, metavar=("METHOD", "T", "H", "V"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.child:
-        method, T, H, V = args.child
-        cpu_child(method, int(T), int(H), int(V))
-    elif args.gpu:
+    if args.gpu:
         run_gpu(args)
     else:
         run_cpu(args)

@@ -23,26 +23,19 @@ dO, LSE, Δ and writes dq, dkeys, dvalues: e·(4·B·Hq·L·D + 4·S·B·Hkv·L�
 causal part dominates and is compute-bound, so the roofline is FLOPs / peak tensor throughput
 (H100 SXM: 989 dense bf16 TFLOP/s, 3.35 TB/s).
 
-CPU numbers: every (method, L) runs in a fresh subprocess; peak memory is the process's peak RSS
-during the first forward + backward minus its RSS just before (the inputs already allocated), read
-from /proc/self/status after resetting the high-water mark through /proc/self/clear_refs.
+CPU numbers: every (method, L) runs in a fresh process (bench/harness.py's run_child) with
+BENCH_THREADS threads (default 2); peak memory is the extra RSS of the first forward + backward
+over the inputs, as bench/harness.py defines it; the time is the best of the repeats after it.
 """
 import argparse
-import json
 import os
-import platform
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import torch
+from harness import ChildError, cpu_model, ratio, run_child, write_result
 
 from specfast.kernels import ttt_attention, ttt_attention_reference
 
-ROOT = Path(__file__).resolve().parents[1]
-
-RESULTS = ROOT / "bench" / "results"
 S, B = 7, 1
 HEADS = {"smollm2": (9, 3, 64), "llama3-8b": (32, 8, 128)}  # Hq, Hkv, D
 CPU_MEMORY_GIB = 24
@@ -139,16 +132,8 @@ def sdpa_dense(q, keys, values, doc_ids):
 
 
 # ------------------------------------------------------------------------------------------------- CPU
-def _rss_kib(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1])
-    return 0
-
-
-def cpu_case(method, L, doc_len, reps):
-    """Run in a subprocess: time and peak extra memory of forward + backward."""
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+def cpu_case(method, L, doc_len):
+    """In the child, not measured: make the inputs; returns the measured forward + backward."""
     q, keys, values, doc_ids = make_inputs(L, HEADS["smollm2"], doc_len, "cpu", torch.float32)
     fn = {"ours": lambda *a: ttt_attention(*a, backend="torch"), "dense": dense_peer}[method]
 
@@ -157,22 +142,7 @@ def cpu_case(method, L, doc_len, reps):
         out.backward(torch.ones_like(out))
         q.grad = keys.grad = values.grad = None
 
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak-RSS mark
-    except OSError:
-        pass
-    before = _rss_kib("VmRSS")
-    t0 = time.perf_counter()
-    step()
-    first_s = time.perf_counter() - t0
-    peak_mib = (_rss_kib("VmHWM") - before) / 1024
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return {"seconds": min(times) if times else first_s, "peak_mib": peak_mib}
+    return step
 
 
 def check_cpu_paths():
@@ -184,11 +154,11 @@ def check_cpu_paths():
 
 
 def subprocess_case(method, L, doc_len, reps, threads):
-    cmd = [sys.executable, __file__, "--cpu-case", method, str(L), str(doc_len or 0), str(reps)]
-    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "BENCH_THREADS": str(threads)})
-    if res.returncode != 0:
-        return {"error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"rc={res.returncode}"}
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    try:
+        m = run_child(cpu_case, method, L, doc_len, threads=threads, repeats=reps)
+    except ChildError as e:  # e.g. out of memory at a large L: a table cell, not the end of the run
+        return {"error": e.detail}
+    return {"seconds": m.best, "peak_mib": m.peak_mib}
 
 
 def run_cpu(lengths, doc_len, dense_max_l):
@@ -245,9 +215,8 @@ def _cell(r, key, field):
 
 
 def cpu_table(rows, threads, doc_len, load, strategies):
+    title = f"### CPU ({cpu_model()}, {threads} threads, torch {torch.__version__}, fp32)"
     lines = [
-        f"### CPU ({platform.processor() or platform.machine()}, {threads} threads, torch {torch.__version__}, fp32)",
-        "",
         f"Forward + backward of one TTT step, B={B}, Hq=9, Hkv=3, D=64, S={S}. \"1 doc\": one document per "
         f"row; \"packed\": documents of {doc_len} tokens. dense = the peers' [B, Hq, L, L+S−1] fp32 scores "
         "(same work with or without documents; run packed). Peak = extra RSS over the inputs. "
@@ -263,9 +232,9 @@ def cpu_table(rows, threads, doc_len, load, strategies):
         ok = lambda x: x is not None and "error" not in x  # noqa: E731
         if ok(d):
             dense_s, dense_mem = f"{d['seconds']:.3f}", f"{d['peak_mib']:.0f}"
-            sp1 = f"{d['seconds'] / o1['seconds']:.1f}×" if ok(o1) else "–"
-            spp = f"{d['seconds'] / op['seconds']:.1f}×" if ok(op) else "–"
-            memr = f"{d['peak_mib'] / max(o1['peak_mib'], 1):.0f}×" if ok(o1) else "–"
+            sp1 = ratio(d["seconds"], o1["seconds"], 1) if ok(o1) else "–"
+            spp = ratio(d["seconds"], op["seconds"], 1) if ok(op) else "–"
+            memr = ratio(d["peak_mib"], max(o1["peak_mib"], 1), 0) if ok(o1) else "–"
         else:
             dense_s = dense_skip_note(rows, r["L"]) if d is None else f"failed: {d['error']}"
             dense_mem = sp1 = spp = memr = "–"
@@ -283,7 +252,7 @@ def cpu_table(rows, threads, doc_len, load, strategies):
         "| strategy | seconds |",
         "|---|---|",
     ] + [f"| {name} | {t:.3f} |" for name, t in times.items()]
-    return "\n".join(lines)
+    return title, lines
 
 
 def dense_skip_note(rows, L):
@@ -366,15 +335,15 @@ def gpu_table(rows, name, roof_name, peak_flops):
         tf = row["flops"] / (v * 1e-3) / 1e12
         return f"{v:.3f} | {tf:.0f} ({100 * tf * 1e12 / peak_flops:.0f}%) |"
 
-    def ratio(row, m):
+    def vs(row, m):
         a, b = row.get("ours"), row.get(m)
-        return f"{b / a:.1f}×" if isinstance(a, float) and isinstance(b, float) else "–"
+        return ratio(b, a, 1) if isinstance(a, float) and isinstance(b, float) else "–"
 
+    title = (f"### CUDA ({name}, torch {torch.__version__}, bf16; roofline {roof_name} "
+             f"{peak_flops / 1e12:.0f} TFLOP/s)")
     lines = [
-        f"### CUDA ({name}, torch {torch.__version__}, bf16; roofline {roof_name} {peak_flops / 1e12:.0f} TFLOP/s)",
-        "",
-        f"Forward + backward of one TTT step, B={B}, S={S}; TFLOP/s on the useful FLOPs (see the bench docstring), "
-        "% of the roofline in brackets. flex excludes its block-mask build, shown apart.",
+        f"Forward + backward of one TTT step, B={B}, S={S}; TFLOP/s on the useful FLOPs (see the "
+        "bench docstring), % of the roofline in brackets. flex excludes its block-mask build, shown apart.",
         "",
         "| heads | L | documents | ours ms | ours TFLOP/s | flex ms | flex TFLOP/s | flex mask build ms | sdpa ms | sdpa TFLOP/s "
         "| ours vs flex | ours vs sdpa |",
@@ -384,9 +353,9 @@ def gpu_table(rows, name, roof_name, peak_flops):
         mask_ms = f"{r['flex_mask_ms']:.1f}" if r.get("flex_mask_ms") is not None else "–"
         lines.append(
             f"| {r['cfg']} | {r['L']} | {r['docs']} | {cell(r, 'ours')} {cell(r, 'flex')} {mask_ms} | {cell(r, 'sdpa')} "
-            f"{ratio(r, 'flex')} | {ratio(r, 'sdpa')} |"
+            f"{vs(r, 'flex')} | {vs(r, 'sdpa')} |"
         )
-    return "\n".join(lines)
+    return title, lines
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -396,29 +365,25 @@ def main():
     ap.add_argument("--lengths", default="1024,4096,16384")
     ap.add_argument("--doc-len", type=int, default=1024, help="length of the packed documents (each L also runs with one document)")
     ap.add_argument("--dense-max-l", type=int, default=4096, help="CPU: largest L to run the dense baseline at")
-    ap.add_argument("--cpu-case", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true",
+                    help="CPU smoke run: L in {512, 1024}, 256-token documents; printed, not saved")
     args = ap.parse_args()
 
-    if args.cpu_case:
-        method, L, doc_len, reps = args.cpu_case
-        print(json.dumps(cpu_case(method, int(L), int(doc_len) or None, int(reps))))
-        return
-
+    if args.quick:
+        args.lengths, args.doc_len = "512,1024", 256
     lengths = [int(x) for x in args.lengths.split(",")]
     doc_len = args.doc_len or None
-    RESULTS.mkdir(parents=True, exist_ok=True)
     if args.gpu:
         rows, name, roof_name, peak = run_gpu(lengths, doc_len)
-        table = gpu_table(rows, name, roof_name, peak)
-        slug = name.replace("NVIDIA ", "").replace(" ", "-").lower()
-        path = RESULTS / f"ttt_attention-{slug}.md"
+        title, lines = gpu_table(rows, name, roof_name, peak)
+        device = "cuda"
     else:
         rows, threads, load = run_cpu(lengths, doc_len, args.dense_max_l)
-        table = cpu_table(rows, threads, doc_len, load, packed_strategies())
-        path = RESULTS / f"ttt_attention-cpu-{threads}core.md"
-    print("\n" + table)
-    path.write_text(table + "\n")
-    print(f"\nwrote {path.relative_to(ROOT)}")
+        strategies = packed_strategies(L=1024) if args.quick else packed_strategies()
+        title, lines = cpu_table(rows, threads, doc_len, load, strategies)
+        device = "cpu"
+    print()
+    write_result("ttt_attention", title, lines, device=device, save=not args.quick)
 
 
 if __name__ == "__main__":

@@ -29,11 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from harness import command_line, machine_line, run_command
 
 COUNTERS = {
     "vllm:spec_decode_num_drafts": "num_drafts",
@@ -107,7 +108,8 @@ def run_vllm(args, target_path: Path, prompt_ids: list[list[int]]) -> dict:
         env = dict(os.environ)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; the default asks for far more than a laptop has
         cmd = [str(python), str(Path(__file__).resolve()), "--vllm-worker", str(Path(tmp) / "job.json")]
-        proc = subprocess.run(cmd, env=env)
+        # Not pinned: vLLM's CPU backend binds its own threads to cores.
+        proc = run_command(cmd, threads=None, env=env)
         result = Path(job["result"])
         if not result.is_file():
             raise RuntimeError(f"vLLM worker exited with {proc.returncode} and wrote no result (its log is above)")
@@ -153,7 +155,10 @@ def main(argv=None) -> int:
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for the specfast side")
     ap.add_argument("--json", help="write both sides' numbers here")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 prompt, 8 new tokens")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.limit, args.max_new_tokens = 1, 8
 
     from transformers import AutoTokenizer
 
@@ -184,6 +189,7 @@ def main(argv=None) -> int:
     vc = {**v["counters"], **_derived(v["counters"])}
     rows = [("drafts", "num_drafts"), ("draft tokens", "num_draft_tokens"), ("accepted tokens", "num_accepted_tokens"),
             ("τ = 1 + accepted/drafts", "acceptance_length")]
+    print(f"\n{machine_line()} Command: `{command_line([sys.argv[0], *argv])}`.")
     print(f"\n{'':28}{'vLLM':>12}{'specfast':>12}")
     for label, key in rows:
         fmt = (lambda x: f"{x:12.3f}") if key == "acceptance_length" else (lambda x: f"{x:12d}")
