@@ -22,5 +22,12 @@ test-slow: install
 demo: install
 	$(PYTHON) -m specfast demo --out $(DIR)
 
+# Kernel microbenchmarks (bench/test_kernels_bench.py, one pinned core): pytest-benchmark prints
+# ours beside the baseline; bench/conftest.py turns its JSON into bench/results/kernels-<machine>.md
+bench: install
+	@mkdir -p build
+	$(PYTHON) -m pytest bench -q -p no:cacheprovider --benchmark-json=build/bench-kernels.json \
+		$(PYTEST_ARGS)
+
 clean:
 	rm -rf build dist *.egg-info specfast/_shardio*.so $(DIR)
