@@ -5,6 +5,8 @@ mask, aux [n, 3H], final [n, H]) is stored four ways and read back as the same s
 token-budget-packed batches:
 
 - specfast: shards + ShardReader (C++ threads, checksums verified; and with verify=False);
+  the batches come from specfast.data.plan.BatchPlan (seed 1, epoch 0) and every method reads
+  those same batches;
 - (a) one ``torch.save`` file per sample, read with ``torch.load(mmap=True, weights_only=True)``
   and collated with ``torch.cat`` (what peers do);
 - (b) one safetensors file per sample, ``safetensors.torch.load_file`` + ``torch.cat``;
@@ -20,12 +22,12 @@ and the methods take turns: between two reads of the same bytes, ~4 GiB of other
 
     python bench/shard_io.py                  # ~1 GiB per format, prints and saves the table
     python bench/shard_io.py --gib 0.25 --no-save
+    python bench/shard_io.py --quick          # smoke run: 0.05 GiB, one repeat, not saved
 """
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -35,9 +37,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from harness import write_result
 from safetensors.torch import load_file, save_file
 
-from specfast import _shardio
+from specfast.data.plan import BatchPlan
 from specfast.shards import AUX_LAYER_CONVENTION, ShardDataset, ShardReader, ShardWriter
 
 FIELDS = ("input_ids", "loss_mask", "aux_hidden", "final_hidden")
@@ -45,7 +48,7 @@ OURS = "specfast ShardReader"
 OURS_NV = "specfast ShardReader, verify=False"
 CEILING = "(c) raw sequential read into a batch-sized buffer (ceiling)"
 CACHE_HOT = "(c') raw sequential read into one 8 MiB buffer"
-RESULTS = Path(__file__).resolve().parent / "results" / "shard_io-cpu-2core.md"
+SEED = 1  # of the shuffle; epoch 0
 
 
 def make_lengths(gib: float, lo: int, hi: int, hidden: int, seed: int) -> list[int]:
@@ -121,18 +124,19 @@ def evict(paths: list[Path]) -> int | None:
     return cached
 
 
-def read_ours(ds: ShardDataset, budget: int, seed: int, threads: int, verify: bool = True) -> int:
+def read_ours(ds: ShardDataset, batches: list[np.ndarray], budget: int, threads: int,
+              verify: bool = True) -> int:
     n = 0
-    with ShardReader(ds, budget, seed=seed, num_threads=threads, verify=verify) as r:
+    with ShardReader(ds, batches, budget, num_threads=threads, verify=verify) as r:
         for b in r:
             n += len(b["sample_ids"])
     return n
 
 
-def read_per_sample(files: list[Path], order: np.ndarray, bounds: np.ndarray, load) -> int:
+def read_per_sample(files: list[Path], batches: list[np.ndarray], load) -> int:
     n = 0
-    for k in range(len(bounds) - 1):
-        loaded = [load(files[i]) for i in order[bounds[k]:bounds[k + 1]]]
+    for ids in batches:
+        loaded = [load(files[i]) for i in ids]
         batch = {f: torch.cat([s[f] for s in loaded]) for f in FIELDS}
         n += len(loaded)
         del batch, loaded
@@ -170,7 +174,11 @@ def main() -> None:
                     help="runs per method: cold median, warm best")
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir in /tmp)")
     ap.add_argument("--no-save", action="store_true", help="do not write bench/results")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: --gib 0.05 --repeats 1 --no-save")
     args = ap.parse_args()
+    if args.quick:
+        args.gib, args.repeats, args.no_save = 0.05, 1, True
 
     root = Path(tempfile.mkdtemp(prefix="shard_io_", dir=args.dir))
     try:
@@ -189,19 +197,18 @@ def run(args, root: Path) -> None:
     tokens = ds.num_tokens
     raw_per_token = sum(f.bytes_per_token for f in ds.fields)  # ids 4 + mask 1 + 8H
     payload = raw_per_token * tokens
-    order = _shardio.permutation(len(ds), 1, 0)
-    bounds = _shardio.pack_batches(ds.sample_lengths[order], args.token_budget)
+    batches = list(BatchPlan(ds.sample_lengths, args.token_budget, SEED).epoch_batches(0))
 
     batch_bytes = args.token_budget * raw_per_token
     methods = {
-        OURS: (files["shards"], lambda: read_ours(ds, args.token_budget, 1, args.threads)),
-        OURS_NV: (files["shards_noverify"],
-                  lambda: read_ours(ds_nv, args.token_budget, 1, args.threads, verify=False)),
+        OURS: (files["shards"], lambda: read_ours(ds, batches, args.token_budget, args.threads)),
+        OURS_NV: (files["shards_noverify"], lambda: read_ours(
+            ds_nv, batches, args.token_budget, args.threads, verify=False)),
         "(a) torch.load(mmap) per sample": (files["torch.save"], lambda: read_per_sample(
-            files["torch.save"], order, bounds,
+            files["torch.save"], batches,
             lambda p: torch.load(p, mmap=True, weights_only=True))),
         "(b) safetensors per sample": (files["safetensors"], lambda: read_per_sample(
-            files["safetensors"], order, bounds, lambda p: load_file(str(p)))),
+            files["safetensors"], batches, lambda p: load_file(str(p)))),
         CEILING: (files["shards_raw"],
                   lambda: (read_raw(files["shards_raw"], batch_bytes), len(ds))[1]),
         CACHE_HOT: (files["shards_raw8m"],
@@ -209,8 +216,8 @@ def run(args, root: Path) -> None:
     }
     # Warm-up: fault in reader buffers and imports, then interleave the methods so that the
     # (shared, noisy) machine's load spreads over all of them alike.
-    read_ours(ds, args.token_budget, 1, args.threads)
-    read_ours(ds_nv, args.token_budget, 1, args.threads, verify=False)
+    read_ours(ds, batches, args.token_budget, args.threads)
+    read_ours(ds_nv, batches, args.token_budget, args.threads, verify=False)
     cold: dict[str, list[float]] = {k: [] for k in methods}
     warm: dict[str, list[float]] = {k: [] for k in methods}
     residue: dict[str, int | None] = {}
@@ -240,15 +247,12 @@ def run(args, root: Path) -> None:
                            {"specfast shards": disk(files["shards"]),
                             "torch.save per sample": disk(files["torch.save"]),
                             "safetensors per sample": disk(files["safetensors"])}, load)
-    print(report)
-    if not args.no_save:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(report)
-        print(f"saved {RESULTS}")
+    write_result("shard_io", f"# Shard read throughput and size (CPU, {os.cpu_count()} cores)",
+                 report, save=not args.no_save)
 
 
 def format_report(args, lengths, tokens, raw_per_token, payload, rows, runs, residue, disk,
-                  load) -> str:
+                  load) -> list[str]:
     ours_cold, ours_warm = rows[OURS]
     nv_cold, nv_warm = rows[OURS_NV]
     peer_cold, peer_warm = rows["(a) torch.load(mmap) per sample"]
@@ -256,15 +260,11 @@ def format_report(args, lengths, tokens, raw_per_token, payload, rows, runs, res
     hot_cold, hot_warm = rows[CACHE_HOT]
     evicted = ", ".join(f"{k.split()[0]} {v if v is not None else 'n/a'}" for k, v in residue.items())
     lines = [
-        "# Shard read throughput and size (CPU, 2 cores)",
-        "",
-        f"`python bench/shard_io.py --gib {args.gib:g} --repeats {args.repeats}` on "
-        f"{os.cpu_count()} cores ({platform.machine()}), torch {torch.__version__}, "
-        f"load average {min(load):.1f}-{max(load):.1f} during the run (the machine is shared). "
+        f"Load average {min(load):.1f}-{max(load):.1f} during the run (the machine is shared). "
         f"{len(lengths)} samples of {args.min_len}-{args.max_len} tokens, {tokens:,} tokens, "
         f"H={args.hidden} bf16 (aux [n, 3H] + final [n, H]), int32 ids, bool mask: "
-        f"{raw_per_token} B/token, {payload / 2**30:.2f} GiB payload. Shuffled (seed 1), packed "
-        f"into {args.token_budget}-token batches; ShardReader: {args.threads} threads, "
+        f"{raw_per_token} B/token, {payload / 2**30:.2f} GiB payload. Shuffled (seed {SEED}) and "
+        f"packed into {args.token_budget}-token batches by BatchPlan; ShardReader: {args.threads} threads, "
         f"checksums verified; (a) and (b) collate with torch.cat in one process.",
         "",
         f"{args.repeats} interleaved repeats. Cold: the method's files evicted from the page "
@@ -304,9 +304,8 @@ def format_report(args, lengths, tokens, raw_per_token, payload, rows, runs, res
         f"cold {hot_cold / ours_cold:.2f}, warm {hot_warm / ours_warm:.2f}.",
         f"- <= 1.01x raw bytes: {size_ratio:.4f}x "
         f"({'met' if size_ratio <= 1.01 else 'NOT met'}).",
-        "",
     ]
-    return "\n".join(lines)
+    return lines
 
 
 if __name__ == "__main__":
