@@ -69,7 +69,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "triton>=3.0; platform_system == 'Linux'"],
+        "dev": ["pytest", "pytest-benchmark", "ruff", "triton>=3.0; platform_system == 'Linux'"],
         "triton": ["triton>=3.0"],
     },
     entry_points={"console_scripts": ["specfast=specfast.cli:main"]},

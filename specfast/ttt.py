@@ -46,7 +46,7 @@ class PackedBatch:
     input_ids: torch.Tensor  # int64 [T]
     doc_ids: torch.Tensor  # int64 [T], contiguous runs numbered 0, 1, 2, …
     positions: torch.Tensor  # int64 [T], position within the document
-    label_mask: torch.Tensor  # bool [T], token t is an assistant token
+    loss_mask: torch.Tensor  # bool [T], token t is an assistant token
     aux_hidden: torch.Tensor  # [T, 3·H_target]
     teacher_logits: torch.Tensor  # fp32 [T, V_draft], the target's logits at t over the draft vocabulary
     target_in_vocab: torch.Tensor  # bool [T], target's full-vocab argmax at t lies in the draft vocabulary
@@ -75,7 +75,7 @@ def shifted(x: torch.Tensor, shift: int, fill) -> torch.Tensor:
 def supervised_mask(batch: PackedBatch, k: int) -> torch.Tensor:
     """Step k's supervised positions (see the module docstring)."""
     same_doc = shifted(batch.doc_ids, 2 + k, -1) == batch.doc_ids
-    return same_doc & shifted(batch.label_mask, 2 + k, False) & shifted(batch.target_in_vocab, 1 + k, False)
+    return same_doc & shifted(batch.loss_mask, 2 + k, False) & shifted(batch.target_in_vocab, 1 + k, False)
 
 
 def ttt_unroll(draft: Eagle3Draft, batch: PackedBatch, steps: int) -> TTTResult:

@@ -25,7 +25,7 @@ def random_batch(doc_lengths, vocab=50, draft_vocab=12, hidden=16):
     positions = torch.cat([torch.arange(n) for n in doc_lengths])
     return PackedBatch(
         input_ids=torch.randint(0, vocab, (T,)), doc_ids=doc_ids, positions=positions,
-        label_mask=torch.rand(T) < 0.7, aux_hidden=torch.randn(T, 3 * hidden, dtype=torch.float32),
+        loss_mask=torch.rand(T) < 0.7, aux_hidden=torch.randn(T, 3 * hidden, dtype=torch.float32),
         teacher_logits=torch.randn(T, draft_vocab, dtype=torch.float32) * 3,
         target_in_vocab=torch.rand(T) < 0.85,
     )
@@ -64,7 +64,7 @@ def reference_unroll(draft, b: PackedBatch, steps: int):
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         logits = draft.logits(h)
         valid = torch.tensor([t + 2 + k < T and bool(b.doc_ids[t + 2 + k] == b.doc_ids[t])
-                              and bool(b.label_mask[t + 2 + k]) and bool(b.target_in_vocab[t + 1 + k])
+                              and bool(b.loss_mask[t + 2 + k]) and bool(b.target_in_vocab[t + 1 + k])
                               for t in range(T)])
         ce = []
         for t in range(T):
