@@ -1,26 +1,26 @@
 """Benchmark: fused pruned-vocabulary head + soft cross-entropy, forward + backward.
 
-    python bench/pruned_vocab_loss.py            # CPU: our chunked torch path vs the materialised reference
-    python bench/pruned_vocab_loss.py --quick    # CPU, T ∈ {1k, 4k} only
-    python bench/pruned_vocab_loss.py --gpu      # CUDA: ours (Triton) vs torch eager and torch.compile
+    python bench/pruned_vocab_loss.py          # CPU: our chunked torch path vs the reference
+    python bench/pruned_vocab_loss.py --quick  # CPU, T ∈ {1k, 4k} only
+    python bench/pruned_vocab_loss.py --gpu    # CUDA: ours (Triton) vs torch eager and compile
 
-Shapes: T ∈ {1k, 4k, 16k} tokens; (H, V) ∈ {(576, 16k): SmolLM2-sized draft, (4096, 32k): Llama-3-8B
-draft with the usual 32k draft vocabulary}.
+Shapes: T ∈ {1k, 4k, 16k} tokens; (H, V) ∈ {(576, 16k): SmolLM2-sized draft, (4096, 32k):
+Llama-3-8B draft with the usual 32k draft vocabulary}.
 
 Baseline: `pruned_vocab_loss_reference`, i.e. what peer trainers do at every TTT step: fp32 logits
 [T, V], log_softmax, softmax of the teacher, product, sum — with [T, V] tensors kept for backward.
 
 Work counted (the same "useful" FLOPs for every method):
-    FLOPs = 6·T·H·V        forward logits (2·T·H·V) + grad_hidden (2·T·H·V) + grad_weight (2·T·H·V)
+    FLOPs = 6·T·H·V    forward logits (2·T·H·V) + grad_hidden (2·T·H·V) + grad_weight (2·T·H·V)
 Ours recomputes the logits in the backward instead of storing them, so it executes 8·T·H·V; the
 TFLOP/s column still divides 6·T·H·V by the time, so recompute shows up as lost throughput.
 Bytes (minimum traffic, element size e): forward reads hidden, weight and the teacher logits
 (e·(T·H + V·H + T·V)); backward reads them again and writes grad_hidden and grad_weight
-(e·(2·T·H + 2·V·H + T·V)). At (T, H, V) = (16k, 4096, 32k), bf16: 6·T·H·V = 13.2 TFLOP against
-3.36 GB of traffic, an arithmetic intensity of ~3,900 FLOP/byte, far above the H100's ridge point
-(989 dense bf16 TFLOP/s ÷ 3.35 TB/s ≈ 295 FLOP/byte): the op is compute-bound, so the roofline time is
-6·T·H·V / 989 TFLOP/s (H100 SXM) and "% of roofline" is achieved TFLOP/s ÷ 989. With the
-recompute, ours cannot exceed 75% of it.
+(e·(2·T·H + 2·V·H + T·V)). At (T, H, V) = (16k, 4096, 32k), bf16: 6·T·H·V = 13.2 TFLOP
+against 3.36 GB of traffic, an arithmetic intensity of ~3,900 FLOP/byte, far above the H100's
+ridge point (989 dense bf16 TFLOP/s ÷ 3.35 TB/s ≈ 295 FLOP/byte): the op is compute-bound, so
+the roofline time is 6·T·H·V / 989 TFLOP/s (H100 SXM) and "% of roofline" is achieved TFLOP/s
+÷ 989. With the recompute, ours cannot exceed 75% of it.
 
 CPU peak memory: every (method, shape) runs in a fresh process (bench/harness.py's run_child, with
 this process's torch thread count); peak = the extra RSS of one forward + backward over the inputs,
@@ -70,11 +70,12 @@ METHODS = {
 }
 
 
-# ------------------------------------------------------------------------------------------------ CPU
+# ---------------------------------------------------------------------------------------------- CPU
 def cpu_case(method, T, H, V):
     """In the child, not measured: warm up, make the inputs; returns the measured step."""
     fn = METHODS[method]
-    fwd_bwd(fn, *make_inputs(8, H, 64, "cpu", torch.float32))  # thread pools, allocator: not part of the peak
+    # Thread pools and allocator warm-up are not part of the peak.
+    fwd_bwd(fn, *make_inputs(8, H, 64, "cpu", torch.float32))
     inputs = make_inputs(T, H, V, "cpu", torch.float32)
 
     def step():
@@ -94,8 +95,8 @@ def best_of(results):
 
 
 def reference_peak_estimate_gib(T, V):
-    """The reference keeps ~5 fp32 [T, V] tensors alive at its peak (logits, log-probs, teacher probs,
-    their product, then the grads of the backward)."""
+    """The reference keeps ~5 fp32 [T, V] tensors alive at its peak (logits, log-probs, teacher
+    probs, their product, then the grads of the backward)."""
     return 5 * 4 * T * V / 2**30
 
 
@@ -109,7 +110,8 @@ def run_cpu(args):
             est = reference_peak_estimate_gib(T, V)
             with_ref = est <= args.ref_cap_gib
             ours, ref = [], []
-            for _ in range(args.rounds if with_ref else 1):  # interleaved, so load swings hit both alike
+            # Interleaved, so that load swings hit both alike.
+            for _ in range(args.rounds if with_ref else 1):
                 ours.append(run_case("ours", T, H, V, threads))
                 if with_ref:
                     ref.append(run_case("reference", T, H, V, threads))
@@ -120,12 +122,14 @@ def run_cpu(args):
     title = f"### CPU ({cpu_model()}, {threads} threads, torch {torch.__version__}, fp32)"
     lines = [
         "Forward + backward, "
-        f"90% of rows supervised, best of {args.rounds} interleaved runs (ours, reference, ours, ...; "
-        "1 run where the reference is not run), each in a fresh process. Peak = extra RSS "
-        f"over the inputs. 1-min load average {load_before:.1f} before, {load_after:.1f} after (times are "
-        "inflated when it exceeds the thread count: the machine is shared). GFLOP/s counts 6·T·H·V.",
+        f"90% of rows supervised, best of {args.rounds} interleaved runs (ours, reference, ours, "
+        "...; 1 run where the reference is not run), each in a fresh process. Peak = extra RSS "
+        f"over the inputs. 1-min load average {load_before:.1f} before, {load_after:.1f} after "
+        "(times are inflated when it exceeds the thread count: the machine is shared). GFLOP/s "
+        "counts 6·T·H·V.",
         "",
-        "| T | H | V | ours (s) | reference (s) | speed-up | ours GFLOP/s | ours peak (MiB) | reference peak (MiB) | memory ratio |",
+        "| T | H | V | ours (s) | reference (s) | speed-up | ours GFLOP/s | ours peak (MiB) "
+        "| reference peak (MiB) | memory ratio |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [_cpu_row(*r, args.ref_cap_gib) for r in rows]
@@ -136,14 +140,14 @@ def _cpu_row(T, H, V, ours, ref, est, cap):
     gflops = flops(T, H, V) / ours["s"] / 1e9
     head = f"| {T} | {H} | {V} | {ours['s']:.2f} |"
     if ref is None:
-        return (f"{head} not run: est. peak {est:.0f} GiB > {cap:.0f} GiB cap (shared 24 GiB machine) | | "
-                f"{gflops:.1f} | {ours['peak_mib']:.0f} | | |")
+        return (f"{head} not run: est. peak {est:.0f} GiB > {cap:.0f} GiB cap (shared 24 GiB "
+                f"machine) | | {gflops:.1f} | {ours['peak_mib']:.0f} | | |")
     return (f"{head} {ref['s']:.2f} | {ratio(ref['s'], ours['s'])} | {gflops:.1f} | "
             f"{ours['peak_mib']:.0f} | {ref['peak_mib']:.0f} | "
             f"{ratio(ref['peak_mib'], max(ours['peak_mib'], 1), 1)} |")
 
 
-# ------------------------------------------------------------------------------------------------ GPU
+# ---------------------------------------------------------------------------------------------- GPU
 def run_gpu(args):
     import triton.testing
 
@@ -177,11 +181,12 @@ def run_gpu(args):
     title = f"### CUDA ({name}, torch {torch.__version__}, triton {triton.__version__}, bf16)"
     lines = [
         "Forward + backward, 90% of rows supervised, "
-        "`triton.testing.do_bench` median. TFLOP/s counts 6·T·H·V; roofline = H100 SXM 989 dense bf16 "
-        "TFLOP/s (compute-bound: see the script's docstring). Peak = max allocated over the inputs.",
+        "`triton.testing.do_bench` median. TFLOP/s counts 6·T·H·V; roofline = H100 SXM 989 dense "
+        "bf16 TFLOP/s (compute-bound: see the script's docstring). Peak = max allocated over the "
+        "inputs.",
         "",
-        "| T | H | V | ours (ms) | ours TFLOP/s | % roofline | eager (ms) | compile (ms) | vs eager | vs compile "
-        "| ours peak (MiB) | eager peak (MiB) | compile peak (MiB) |",
+        "| T | H | V | ours (ms) | ours TFLOP/s | % roofline | eager (ms) | compile (ms) "
+        "| vs eager | vs compile | ours peak (MiB) | eager peak (MiB) | compile peak (MiB) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [_gpu_row(r, is_h100) for r in rows]
@@ -198,19 +203,23 @@ def _gpu_row(r, is_h100):
     def vs(m):
         return ratio(r[m]["ms"], ours["ms"]) if (ours and r.get(m)) else "n/a"
 
-    return (f"| {r['T']} | {r['H']} | {r['V']} | {cell('ours', 'ms', '{:.3f}')} | {cell('ours', 'tflops', '{:.0f}')} "
-            f"| {roof} | {cell('eager', 'ms', '{:.3f}')} | {cell('compile', 'ms', '{:.3f}')} | {vs('eager')} "
-            f"| {vs('compile')} | {cell('ours', 'peak_mib', '{:.0f}')} | {cell('eager', 'peak_mib', '{:.0f}')} "
-            f"| {cell('compile', 'peak_mib', '{:.0f}')} |")
+    ms, peak = "{:.3f}", "{:.0f}"
+    return (f"| {r['T']} | {r['H']} | {r['V']} | {cell('ours', 'ms', ms)} "
+            f"| {cell('ours', 'tflops', '{:.0f}')} | {roof} | {cell('eager', 'ms', ms)} "
+            f"| {cell('compile', 'ms', ms)} | {vs('eager')} | {vs('compile')} "
+            f"| {cell('ours', 'peak_mib', peak)} | {cell('eager', 'peak_mib', peak)} "
+            f"| {cell('compile', 'peak_mib', peak)} |")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--gpu", action="store_true", help="CUDA benchmark (Triton) instead of the CPU one")
+    ap.add_argument("--gpu", action="store_true",
+                    help="CUDA benchmark (Triton) instead of the CPU one")
     ap.add_argument("--quick", action="store_true", help="CPU: T ∈ {1k, 4k} only")
     ap.add_argument("--ref-cap-gib", type=float, default=8.0,
                     help="CPU: skip the reference where its estimated peak exceeds this")
-    ap.add_argument("--rounds", type=int, default=2, help="CPU: interleaved runs per method and shape")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="CPU: interleaved runs per method and shape")
     args = ap.parse_args()
     if args.gpu:
         run_gpu(args)

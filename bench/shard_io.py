@@ -258,14 +258,16 @@ def format_report(args, lengths, tokens, raw_per_token, payload, rows, runs, res
     peer_cold, peer_warm = rows["(a) torch.load(mmap) per sample"]
     ceil_cold, ceil_warm = rows[CEILING]
     hot_cold, hot_warm = rows[CACHE_HOT]
-    evicted = ", ".join(f"{k.split()[0]} {v if v is not None else 'n/a'}" for k, v in residue.items())
+    evicted = ", ".join(f"{k.split()[0]} {v if v is not None else 'n/a'}"
+                        for k, v in residue.items())
     lines = [
         f"Load average {min(load):.1f}-{max(load):.1f} during the run (the machine is shared). "
         f"{len(lengths)} samples of {args.min_len}-{args.max_len} tokens, {tokens:,} tokens, "
         f"H={args.hidden} bf16 (aux [n, 3H] + final [n, H]), int32 ids, bool mask: "
         f"{raw_per_token} B/token, {payload / 2**30:.2f} GiB payload. Shuffled (seed {SEED}) and "
-        f"packed into {args.token_budget}-token batches by BatchPlan; ShardReader: {args.threads} threads, "
-        f"checksums verified; (a) and (b) collate with torch.cat in one process.",
+        f"packed into {args.token_budget}-token batches by BatchPlan; ShardReader: "
+        f"{args.threads} threads, checksums verified; (a) and (b) collate with torch.cat in one "
+        "process.",
         "",
         f"{args.repeats} interleaved repeats. Cold: the method's files evicted from the page "
         f"cache first with posix_fadvise(DONTNEED) per file (bytes still cached afterwards, per "
@@ -273,7 +275,8 @@ def format_report(args, lengths, tokens, raw_per_token, payload, rows, runs, res
         f"cache; best run. Every run is listed. GB/s counts payload bytes (1 GB = 1e9 B), the "
         f"same for every method.",
         "",
-        "| method | cold GB/s | cold samples/s | warm GB/s | warm samples/s | cold runs | warm runs |",
+        "| method | cold GB/s | cold samples/s | warm GB/s | warm samples/s | cold runs "
+        "| warm runs |",
         "|---|---:|---:|---:|---:|---|---|",
     ]
     for name, (cold, warm) in rows.items():
@@ -281,7 +284,8 @@ def format_report(args, lengths, tokens, raw_per_token, payload, rows, runs, res
         lines.append(f"| {name} | {payload / cold / 1e9:.2f} | {len(lengths) / cold:.0f} | "
                      f"{payload / warm / 1e9:.2f} | {len(lengths) / warm:.0f} | "
                      f"{each[0]} | {each[1]} |")
-    lines += ["", "| storage | bytes/token (file size) | bytes/token (allocated) | vs raw tensor bytes |",
+    lines += ["", "| storage | bytes/token (file size) | bytes/token (allocated) "
+              "| vs raw tensor bytes |",
               "|---|---:|---:|---:|"]
     for name, (size, alloc) in disk.items():
         lines.append(f"| {name} | {size / tokens:.1f} | {alloc / tokens:.1f} | "

@@ -1,7 +1,8 @@
 """Benchmark: fused TTT attention (causal + S−1 diagonals, packed documents), forward + backward.
 
-    python bench/ttt_attention.py            # CPU: ours vs the peers' dense-score approach
-    python bench/ttt_attention.py --gpu      # CUDA: ours (Triton) vs flex_attention vs SDPA + dense mask
+    python bench/ttt_attention.py          # CPU: ours vs the peers' dense-score approach
+    python bench/ttt_attention.py --quick  # CPU smoke run (L in {512, 1024}), not saved
+    python bench/ttt_attention.py --gpu    # CUDA: ours (Triton) vs flex_attention vs SDPA + mask
 
 Baselines
 - dense (CPU): what peer trainers do each TTT step: a [B, Hq, L, L+S−1] fp32 score tensor (step-0
@@ -13,15 +14,15 @@ Baselines
   expanded to Hq.
 
 Work counted (the same "useful" FLOPs for every method, the flash-attention convention):
-    P       = Σ_docs n(n+1)/2        visible step-0 (query, key) pairs per head (≈ L²/2 for one document)
+    P       = Σ_docs n(n+1)/2      visible step-0 (query, key) pairs per head (≈ L²/2, 1 doc)
     fwd     = 4·B·Hq·D·(P + (S−1)·L)   two matmuls (QKᵀ, PV) at 2 FLOPs per multiply-add
     bwd     = 10·B·Hq·D·(P + (S−1)·L)  five (QKᵀ recompute, dV, dP, dQ, dK)
     fwd+bwd = 14·B·Hq·D·(P + (S−1)·L)
-Bytes (minimum traffic, element size e): forward reads q and S steps of keys and values and writes
-out and the fp32 LSE: e·(2·B·Hq·L·D + 2·S·B·Hkv·L·D) + 4·B·Hq·L; backward reads q, keys, values, out,
-dO, LSE, Δ and writes dq, dkeys, dvalues: e·(4·B·Hq·L·D + 4·S·B·Hkv·L·D) + 8·B·Hq·L. At L ≥ 1k the
-causal part dominates and is compute-bound, so the roofline is FLOPs / peak tensor throughput
-(H100 SXM: 989 dense bf16 TFLOP/s, 3.35 TB/s).
+Bytes (minimum traffic, element size e): forward reads q and S steps of keys and values and
+writes out and the fp32 LSE: e·(2·B·Hq·L·D + 2·S·B·Hkv·L·D) + 4·B·Hq·L; backward reads q, keys,
+values, out, dO, LSE, Δ and writes dq, dkeys, dvalues: e·(4·B·Hq·L·D + 4·S·B·Hkv·L·D) + 8·B·Hq·L.
+At L ≥ 1k the causal part dominates and is compute-bound, so the roofline is FLOPs / peak tensor
+throughput (H100 SXM: 989 dense bf16 TFLOP/s, 3.35 TB/s).
 
 CPU numbers: every (method, L) runs in a fresh process (bench/harness.py's run_child) with
 BENCH_THREADS threads (default 2); peak memory is the extra RSS of the first forward + backward
@@ -41,7 +42,7 @@ HEADS = {"smollm2": (9, 3, 64), "llama3-8b": (32, 8, 128)}  # Hq, Hkv, D
 CPU_MEMORY_GIB = 24
 
 
-# ---------------------------------------------------------------------------------------------- inputs
+# ------------------------------------------------------------------------------------------- inputs
 def doc_ids_for(L, doc_len, device):
     """Packed row of equal-length documents (the last one shorter), or None for one document."""
     if doc_len is None or doc_len >= L:
@@ -60,12 +61,15 @@ def make_inputs(L, heads, doc_len, device, dtype):
 
 def useful_flops(L, heads, doc_len):
     Hq, _, D = heads
-    lens = [L] if doc_len is None or doc_len >= L else [doc_len] * (L // doc_len) + ([L % doc_len] if L % doc_len else [])
+    if doc_len is None or doc_len >= L:
+        lens = [L]
+    else:
+        lens = [doc_len] * (L // doc_len) + ([L % doc_len] if L % doc_len else [])
     pairs = sum(n * (n + 1) // 2 for n in lens)
     return 14 * B * Hq * D * (pairs + (S - 1) * L)
 
 
-# ------------------------------------------------------------------------------------------- baselines
+# ---------------------------------------------------------------------------------------- baselines
 def dense_peer(q, keys, values, doc_ids, scale=None):
     """The peers' per-step attention: an fp32 [B, Hq, L, L+S−1] score tensor."""
     _, _, Hkv, L, D = keys.shape
@@ -131,7 +135,7 @@ def sdpa_dense(q, keys, values, doc_ids):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-# ------------------------------------------------------------------------------------------------- CPU
+# ---------------------------------------------------------------------------------------------- CPU
 def cpu_case(method, L, doc_len):
     """In the child, not measured: make the inputs; returns the measured forward + backward."""
     q, keys, values, doc_ids = make_inputs(L, HEADS["smollm2"], doc_len, "cpu", torch.float32)
@@ -162,16 +166,18 @@ def subprocess_case(method, L, doc_len, reps, threads):
 
 
 def run_cpu(lengths, doc_len, dense_max_l):
-    """Per L: ours on one document, ours on packed documents, and the dense baseline (whose work does
-    not depend on the documents; run on the packed layout)."""
+    """Per L: ours on one document, ours on packed documents, and the dense baseline (whose work
+    does not depend on the documents; run on the packed layout)."""
     load_before = os.getloadavg()[0]
     check_cpu_paths()
     threads = int(os.environ.get("BENCH_THREADS", "2"))
     rows = []
     for L in lengths:
-        reps = 2 if L <= 4096 else 0  # the first run already times one step; 16k steps take tens of seconds
+        # The first run already times one step; 16k steps take tens of seconds.
+        reps = 2 if L <= 4096 else 0
         row = {"L": L}
-        for key, method, docs in (("ours_1doc", "ours", None), ("ours_docs", "ours", doc_len), ("dense", "dense", doc_len)):
+        for key, method, docs in (("ours_1doc", "ours", None), ("ours_docs", "ours", doc_len),
+                                  ("dense", "dense", doc_len)):
             if method == "dense" and L > dense_max_l:
                 row[key] = None
                 continue
@@ -182,8 +188,9 @@ def run_cpu(lengths, doc_len, dense_max_l):
 
 
 def packed_strategies(L=4096, n_docs=8):
-    """Forward of the causal part alone on packed documents: the CPU flash kernel with a block-diagonal
-    additive mask (its masked path visits every tile) vs one causal call per document (ours)."""
+    """Forward of the causal part alone on packed documents: the CPU flash kernel with a
+    block-diagonal additive mask (its masked path visits every tile) vs one causal call per
+    document (ours)."""
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     Hq, _, D = HEADS["smollm2"]
     q, k, v = (torch.randn(1, Hq, L, D) for _ in range(3))
@@ -195,7 +202,8 @@ def packed_strategies(L=4096, n_docs=8):
         "one causal call, no documents (reference point)": lambda: flash(q, k, v, 0.0, True),
         "one call, block-diagonal mask": lambda: flash(q, k, v, 0.0, False, attn_mask=bias),
         "one causal call per document (ours)": lambda: [
-            flash(q[:, :, s:s + n], k[:, :, s:s + n], v[:, :, s:s + n], 0.0, True) for s in range(0, L, n)],
+            flash(q[:, :, s:s + n], k[:, :, s:s + n], v[:, :, s:s + n], 0.0, True)
+            for s in range(0, L, n)],
     }
     out = {}
     for name, fn in cases.items():
@@ -217,14 +225,15 @@ def _cell(r, key, field):
 def cpu_table(rows, threads, doc_len, load, strategies):
     title = f"### CPU ({cpu_model()}, {threads} threads, torch {torch.__version__}, fp32)"
     lines = [
-        f"Forward + backward of one TTT step, B={B}, Hq=9, Hkv=3, D=64, S={S}. \"1 doc\": one document per "
-        f"row; \"packed\": documents of {doc_len} tokens. dense = the peers' [B, Hq, L, L+S−1] fp32 scores "
-        "(same work with or without documents; run packed). Peak = extra RSS over the inputs. "
-        f"1-min load average {load[0]:.1f} before, {load[1]:.1f} after: the machine is shared, so times are "
-        "inflated where it exceeds the thread count.",
+        f"Forward + backward of one TTT step, B={B}, Hq=9, Hkv=3, D=64, S={S}. \"1 doc\": one "
+        f"document per row; \"packed\": documents of {doc_len} tokens. dense = the peers' "
+        "[B, Hq, L, L+S−1] fp32 scores (same work with or without documents; run packed). Peak = "
+        f"extra RSS over the inputs. 1-min load average {load[0]:.1f} before, {load[1]:.1f} "
+        "after: the machine is shared, so times are inflated where it exceeds the thread count.",
         "",
         "| L | ours 1 doc (s) | ours packed (s) | dense (s) | speed-up 1 doc | speed-up packed "
-        "| ours 1 doc peak (MiB) | ours packed peak (MiB) | dense peak (MiB) | memory ratio (1 doc) |",
+        "| ours 1 doc peak (MiB) | ours packed peak (MiB) | dense peak (MiB) "
+        "| memory ratio (1 doc) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -239,15 +248,16 @@ def cpu_table(rows, threads, doc_len, load, strategies):
             dense_s = dense_skip_note(rows, r["L"]) if d is None else f"failed: {d['error']}"
             dense_mem = sp1 = spp = memr = "–"
         lines.append(
-            f"| {r['L']} | {_cell(r, 'ours_1doc', 'seconds')} | {_cell(r, 'ours_docs', 'seconds')} | {dense_s} "
-            f"| {sp1} | {spp} | {_cell(r, 'ours_1doc', 'peak_mib')} | {_cell(r, 'ours_docs', 'peak_mib')} "
+            f"| {r['L']} | {_cell(r, 'ours_1doc', 'seconds')} "
+            f"| {_cell(r, 'ours_docs', 'seconds')} | {dense_s} | {sp1} | {spp} "
+            f"| {_cell(r, 'ours_1doc', 'peak_mib')} | {_cell(r, 'ours_docs', 'peak_mib')} "
             f"| {dense_mem} | {memr} |"
         )
     L, n_docs, times = strategies
     lines += [
         "",
-        f"Causal part on packed documents, forward only, L={L}, {n_docs} documents: how to drive PyTorch's CPU "
-        "flash kernel.",
+        f"Causal part on packed documents, forward only, L={L}, {n_docs} documents: how to drive "
+        "PyTorch's CPU flash kernel.",
         "",
         "| strategy | seconds |",
         "|---|---|",
@@ -256,7 +266,8 @@ def cpu_table(rows, threads, doc_len, load, strategies):
 
 
 def dense_skip_note(rows, L):
-    """Why the dense baseline was not run at L: its peak extrapolated by L² from the largest measured L."""
+    """Why the dense baseline was not run at L: its peak extrapolated by L² from the largest
+    measured L."""
     measured = [r for r in rows if r.get("dense") and "peak_mib" in r["dense"]]
     if not measured:
         return "not run"
@@ -265,7 +276,7 @@ def dense_skip_note(rows, L):
     return f"not run: est. peak {est_gib:.0f} GiB (L={ref['L']} × L²) > {CPU_MEMORY_GIB} GiB RAM"
 
 
-# ------------------------------------------------------------------------------------------------- GPU
+# ---------------------------------------------------------------------------------------------- GPU
 # Dense bf16 tensor-core peak and HBM bandwidth.
 ROOFLINES = {"H100 SXM": (989e12, 3.35e12), "H100 PCIe": (756e12, 2.0e12), "H200": (989e12, 4.8e12)}
 
@@ -290,7 +301,8 @@ def run_gpu(lengths, doc_len):
             q, keys, values, doc_ids = make_inputs(L, heads, docs, dev, torch.bfloat16)
             flops = useful_flops(L, heads, docs)
             grad = torch.randn(B, heads[0], L, heads[2], device=dev, dtype=torch.bfloat16)
-            row = {"cfg": cfg, "L": L, "docs": f"{docs}-token docs" if doc_ids is not None else "1 doc", "flops": flops}
+            row = {"cfg": cfg, "L": L, "flops": flops,
+                   "docs": f"{docs}-token docs" if doc_ids is not None else "1 doc"}
             flex_run, row["flex_mask_ms"] = None, None
             try:
                 flex_run, build_s = flex_setup(q, keys, values, doc_ids)
@@ -308,7 +320,8 @@ def run_gpu(lengths, doc_len):
                     if L <= 1024:  # hold every method to the reference where the reference is cheap
                         with torch.no_grad():
                             ref = ttt_attention_reference(q, keys, values, doc_ids)
-                            torch.testing.assert_close(fn().float(), ref.float(), atol=3e-2, rtol=3e-2)
+                            torch.testing.assert_close(fn().float(), ref.float(),
+                                                       atol=3e-2, rtol=3e-2)
                         del ref
 
                     def step():
@@ -343,28 +356,31 @@ def gpu_table(rows, name, roof_name, peak_flops):
              f"{peak_flops / 1e12:.0f} TFLOP/s)")
     lines = [
         f"Forward + backward of one TTT step, B={B}, S={S}; TFLOP/s on the useful FLOPs (see the "
-        "bench docstring), % of the roofline in brackets. flex excludes its block-mask build, shown apart.",
+        "bench docstring), % of the roofline in brackets. flex excludes its block-mask build, "
+        "shown apart.",
         "",
-        "| heads | L | documents | ours ms | ours TFLOP/s | flex ms | flex TFLOP/s | flex mask build ms | sdpa ms | sdpa TFLOP/s "
-        "| ours vs flex | ours vs sdpa |",
+        "| heads | L | documents | ours ms | ours TFLOP/s | flex ms | flex TFLOP/s "
+        "| flex mask build ms | sdpa ms | sdpa TFLOP/s | ours vs flex | ours vs sdpa |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         mask_ms = f"{r['flex_mask_ms']:.1f}" if r.get("flex_mask_ms") is not None else "–"
         lines.append(
-            f"| {r['cfg']} | {r['L']} | {r['docs']} | {cell(r, 'ours')} {cell(r, 'flex')} {mask_ms} | {cell(r, 'sdpa')} "
-            f"{vs(r, 'flex')} | {vs(r, 'sdpa')} |"
+            f"| {r['cfg']} | {r['L']} | {r['docs']} | {cell(r, 'ours')} {cell(r, 'flex')} "
+            f"{mask_ms} | {cell(r, 'sdpa')} {vs(r, 'flex')} | {vs(r, 'sdpa')} |"
         )
     return title, lines
 
 
-# ------------------------------------------------------------------------------------------------ main
+# --------------------------------------------------------------------------------------------- main
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", action="store_true", help="CUDA comparison (Triton vs flex vs SDPA)")
     ap.add_argument("--lengths", default="1024,4096,16384")
-    ap.add_argument("--doc-len", type=int, default=1024, help="length of the packed documents (each L also runs with one document)")
-    ap.add_argument("--dense-max-l", type=int, default=4096, help="CPU: largest L to run the dense baseline at")
+    ap.add_argument("--doc-len", type=int, default=1024,
+                    help="length of the packed documents (each L also runs with one document)")
+    ap.add_argument("--dense-max-l", type=int, default=4096,
+                    help="CPU: largest L to run the dense baseline at")
     ap.add_argument("--quick", action="store_true",
                     help="CPU smoke run: L in {512, 1024}, 256-token documents; printed, not saved")
     args = ap.parse_args()
