@@ -29,10 +29,10 @@ GPU peak memory: torch.cuda.max_memory_allocated over forward + backward, minus 
 """
 import argparse
 import os
+from functools import partial
 
 import torch
 from harness import cpu_model, ratio, run_child, write_result
-
 from specfast.kernels import pruned_vocab_loss, pruned_vocab_loss_reference
 
 TOKENS = [1024, 4096, 16384]
@@ -169,7 +169,8 @@ def run_gpu(args):
                     fwd_bwd(fn, *inputs)  # warm-up / compile
                     torch.cuda.synchronize()
                     peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-                    ms = triton.testing.do_bench(lambda: fwd_bwd(fn, *inputs), return_mode="median")
+                    ms = triton.testing.do_bench(partial(fwd_bwd, fn, *inputs),
+                                                 return_mode="median")
                     row[label] = {"ms": ms, "tflops": flops(T, H, V) / ms / 1e9, "peak_mib": peak}
                 except torch.cuda.OutOfMemoryError:
                     row[label] = None

@@ -10,10 +10,9 @@ import pytest
 import torch
 from pruned_vocab_loss import fwd_bwd
 from pruned_vocab_loss import make_inputs as vocab_inputs
+from specfast.kernels import pruned_vocab_loss, pruned_vocab_loss_reference, ttt_attention
 from ttt_attention import HEADS, dense_peer
 from ttt_attention import make_inputs as attention_inputs
-
-from specfast.kernels import pruned_vocab_loss, pruned_vocab_loss_reference, ttt_attention
 
 ROUNDS = 5  # a few seconds per shape; the min over rounds is what the table compares
 

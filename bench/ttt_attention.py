@@ -31,10 +31,10 @@ over the inputs, as bench/harness.py defines it; the time is the best of the rep
 import argparse
 import os
 import time
+from functools import partial
 
 import torch
 from harness import ChildError, cpu_model, ratio, run_child, write_result
-
 from specfast.kernels import ttt_attention, ttt_attention_reference
 
 S, B = 7, 1
@@ -289,6 +289,10 @@ def roofline_for(name):
     return "H100 SXM", ROOFLINES["H100 SXM"]
 
 
+def _backward(fn, grad):
+    fn().backward(grad)
+
+
 def run_gpu(lengths, doc_len):
     import triton
 
@@ -310,11 +314,11 @@ def run_gpu(lengths, doc_len):
             except Exception as e:  # noqa: BLE001 - report, don't hide
                 row["flex"] = f"failed: {type(e).__name__}"
             methods = {
-                "ours": lambda: ttt_attention(q, keys, values, doc_ids, backend="triton"),
-                "sdpa": lambda: sdpa_dense(q, keys, values, doc_ids),
+                "ours": partial(ttt_attention, q, keys, values, doc_ids, backend="triton"),
+                "sdpa": partial(sdpa_dense, q, keys, values, doc_ids),
             }
             if flex_run is not None:
-                methods["flex"] = lambda: flex_run(q, keys, values)
+                methods["flex"] = partial(flex_run, q, keys, values)
             for m, fn in methods.items():
                 try:
                     if L <= 1024:  # hold every method to the reference where the reference is cheap
@@ -323,11 +327,8 @@ def run_gpu(lengths, doc_len):
                             torch.testing.assert_close(fn().float(), ref.float(),
                                                        atol=3e-2, rtol=3e-2)
                         del ref
-
-                    def step():
-                        fn().backward(grad)
-
-                    ms = triton.testing.do_bench(step, grad_to_none=[q, keys, values])
+                    ms = triton.testing.do_bench(partial(_backward, fn, grad),
+                                                 grad_to_none=[q, keys, values])
                     row[m] = ms
                 except torch.cuda.OutOfMemoryError:
                     row[m] = "OOM"
