@@ -1,33 +1,17 @@
-"""The TargetModel interface (DESIGN §7). A backend turns packed token rows into the three aux hidden
-states, the final hidden state (after the model's final norm) and the full-vocabulary argmax; it also
-hands out the lm_head rows of the draft vocabulary, the frozen embeddings and the tokenizer."""
+"""The TargetModel interface: what the trainer, capture, eval and `prepare --regenerate` need of a
+target LLM. A backend turns packed token rows into the three aux hidden states (the outputs of the
+0-based decoder layers `aux_layer_ids`, see specfast.conventions), the final hidden state (after the
+model's final norm) and the full-vocabulary argmax; it hands out the lm_head rows of the draft
+vocabulary, the frozen embeddings and the tokenizer; and, where it has its decoder layers, it
+decodes: a KV-cached forward for speculative decoding and batched generation."""
 from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
-
-# Aux layer ids are stored as "output of 0-based decoder layer i" (what HF's hidden_states[i + 1] holds).
-# vLLM names the same tensor "input of layer i + 1"; SGLang's config uses our convention and adds 1.
-AUX_CONVENTION = "output_of_layer_0based"
-
-
-def aux_layer_ids_default(num_layers: int) -> list[int]:
-    """EAGLE-3's default: outputs of layers [1, L//2 - 1, L - 4] (vLLM: inputs of 2, L//2, L - 3)."""
-    ids = [1, num_layers // 2 - 1, num_layers - 4]
-    check_aux_layer_ids(ids, num_layers)
-    return ids
-
-
-def check_aux_layer_ids(ids: list[int], num_layers: int) -> None:
-    """Three distinct ascending layers: vLLM sorts and de-duplicates the ids it captures, so `fc`'s input
-    blocks only line up with what it feeds if ours are already in that order."""
-    if len(ids) != 3 or any(not 0 <= i < num_layers for i in ids) or sorted(set(ids)) != list(ids):
-        raise ValueError(f"aux layer ids {ids} must be 3 distinct ascending layers in [0, {num_layers}) "
-                         f"({AUX_CONVENTION}); a {num_layers}-layer target "
-                         + ("is too shallow for EAGLE-3's default" if num_layers < 8 else "needs --aux-layer-ids"))
 
 
 @dataclass
@@ -39,8 +23,19 @@ class PackedTargetOutput:
     argmax: torch.Tensor  # [T] int64, the target's full-vocabulary argmax (its own next-token pick)
 
 
+class TargetCache(Protocol):
+    """A target's KV cache for one sequence (from `TargetModel.new_cache`)."""
+
+    def __len__(self) -> int:
+        """Positions it holds."""
+
+    def crop(self, length: int) -> None:
+        """Keep the first `length` positions (speculative decoding drops rejected drafts)."""
+
+
 class TargetModel(ABC):
-    """What the trainer, capture and eval need of a target LLM."""
+    """A target LLM; see the module docstring. The decoding methods are optional: a backend without
+    decoder layers (HeadsOnlyTarget) raises NotImplementedError from them."""
 
     name: str
     tokenizer: object
@@ -63,7 +58,7 @@ class TargetModel(ABC):
         """[V_target, H] input embeddings (frozen; the draft shares them)."""
 
     def final_norm_weight(self) -> torch.Tensor | None:
-        """The final norm's weight, if the model has a plain RMSNorm there (to initialise the draft's)."""
+        """The final norm's weight, if it is a plain RMSNorm (the draft's can start from it)."""
         return None
 
     @property
@@ -71,18 +66,44 @@ class TargetModel(ABC):
         return self.lm_head_weight().device
 
     def teacher_logits(self, final_hidden: torch.Tensor, draft_ids: torch.Tensor) -> torch.Tensor:
-        """The target's logits restricted to the draft vocabulary: h_final @ W_lm[draft_ids]ᵀ, in fp32."""
+        """The target's logits over the draft vocabulary: h_final @ W_lm[draft_ids]ᵀ, in fp32."""
         w = self.lm_head_weight()[draft_ids.to(self.device)]
         return final_hidden.float() @ w.float().t()
 
     def tokenizer_hash(self) -> str:
         return tokenizer_hash(self.tokenizer)
 
+    def eos_token_ids(self) -> set[int]:
+        """Token ids that end an answer."""
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        return set() if eos is None else {int(eos)}
+
+    # -- decoding -------------------------------------------------------------------------------
+
+    def new_cache(self) -> TargetCache:
+        """An empty KV cache for `forward_cached`."""
+        raise NotImplementedError(f"{type(self).__name__} cannot decode")
+
+    def forward_cached(self, tokens: list[int], cache: TargetCache, with_aux: bool = False,
+                       logits_to_keep: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Feed `tokens` (batch 1) after the positions `cache` holds, which it then holds too.
+        Returns fp32 logits [logits_to_keep, V] of the last positions and, `with_aux`, the aux
+        hidden states [1, len(tokens), 3 * H] (else None)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot decode")
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int,
+                 temperature: float = 0.0) -> list[list[int]]:
+        """The answers to a batch of token-id prompts, each cut after its first EOS: greedy at
+        temperature 0, else sampled from the full softmax(logits / temperature)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot generate")
+
 
 def tokenizer_hash(tokenizer) -> str:
-    """A short fingerprint of the vocabulary, merges and chat template; shards and exports record it."""
+    """A short fingerprint of the vocabulary, merges and chat template; prepared data and shards
+    record it."""
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update(backend.to_str().encode() if backend is not None else repr(sorted(tokenizer.get_vocab().items())).encode())
+    vocab = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    h.update(vocab.encode())
     h.update((getattr(tokenizer, "chat_template", None) or "").encode())
     return h.hexdigest()[:16]

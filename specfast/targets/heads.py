@@ -31,7 +31,8 @@ def _read_tensors(folder: Path, names: list[str]) -> dict:
 
 
 class HeadsOnlyTarget(TargetModel):
-    def __init__(self, path: str | Path, aux_layer_ids: list[int], device="cpu", dtype=torch.float32, name=None):
+    def __init__(self, path: str | Path, aux_layer_ids: list[int], device="cpu",
+                 dtype=torch.float32, name=None):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         path = Path(path)
@@ -41,7 +42,7 @@ class HeadsOnlyTarget(TargetModel):
         self.hf_config = cfg
         self.num_layers, self.hidden_size = cfg.num_hidden_layers, cfg.hidden_size
         self.aux_layer_ids = list(aux_layer_ids)
-        # Parameter names differ by architecture: find them on a weightless (meta) copy of the model.
+        # Parameter names differ by architecture: find them on a weightless (meta) copy.
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(cfg)
         params = list(skeleton.named_parameters(remove_duplicate=False))
@@ -59,14 +60,16 @@ class HeadsOnlyTarget(TargetModel):
 
         embed, head, norm = first(embed_names), first(head_names), first(norm_names)
         if embed is None or head is None:
-            raise FileNotFoundError(f"{path}: embeddings or lm_head ({embed_names + head_names}) not in its safetensors files")
+            raise FileNotFoundError(f"{path}: embeddings or lm_head ({embed_names + head_names}) "
+                                    "not in its safetensors files")
         self._embed = embed.to(device=device, dtype=dtype)
         self._lm_head = head.to(device=device, dtype=dtype)
         self._norm = None if norm is None else norm.to(device=device, dtype=dtype)
         self.vocab_size = self._lm_head.shape[0]
 
     def forward_packed(self, input_ids, doc_ids):
-        raise RuntimeError("a heads-only target has no decoder layers; capture hidden states with the full target")
+        raise RuntimeError("a heads-only target has no decoder layers; "
+                           "capture hidden states with the full target")
 
     def lm_head_weight(self):
         return self._lm_head

