@@ -1,6 +1,10 @@
-"""Streaming readers for chat data: ShareGPT-style (`conversations` of from/value) and OpenAI-style
-(`messages` of role/content), as JSONL or as one JSON array — including an array cut off mid-file,
-from which every complete record is recovered."""
+"""The chat-record reader, for training data (`specfast prepare`) and prompts (`specfast eval`):
+ShareGPT-style (`conversations` of from/value) and OpenAI-style (`messages` of role/content)
+records, as JSONL or as one JSON array — including an array cut off mid-file, from which every
+complete record is recovered.
+
+`record_turns` parses one record into its turns with canonical roles; `normalise` makes a
+training conversation of them, and eval picks the user turns (specfast/eval/prompts.py)."""
 from __future__ import annotations
 
 import json
@@ -10,8 +14,8 @@ from typing import Iterator
 
 ROLE_ALIASES = {
     "human": "user", "user": "user",
-    "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bard": "assistant", "bing": "assistant",
-    "model": "assistant",
+    "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bard": "assistant",
+    "bing": "assistant", "model": "assistant",
     "system": "system",
 }
 
@@ -38,20 +42,21 @@ class ReadStats:
             self.examples.append(str(err))
 
 
-def normalise(record, where: str) -> list[dict]:
-    """One record -> a list of {"role", "content"} with roles user/assistant/system, consecutive turns
-    of the same role merged, leading assistant turns dropped. Raises RecordError with the reason."""
+def record_turns(record, where: str) -> list[tuple[int, str, str]]:
+    """One record -> its non-empty turns in order, as (index in the record, role, text) with the
+    role one of user/assistant/system. Raises RecordError with the reason."""
     if not isinstance(record, dict):
         raise RecordError(where, f"expected a JSON object, got {type(record).__name__}")
     if "conversations" in record:
-        turns, role_key, text_key = record["conversations"], "from", "value"
+        key, role_key, text_key = "conversations", "from", "value"
     elif "messages" in record:
-        turns, role_key, text_key = record["messages"], "role", "content"
+        key, role_key, text_key = "messages", "role", "content"
     else:
         raise RecordError(where, "no 'conversations' or 'messages' field")
+    turns = record[key]
     if not isinstance(turns, list):
-        raise RecordError(where, f"'{'conversations' if role_key == 'from' else 'messages'}' is not a list")
-    messages: list[dict] = []
+        raise RecordError(where, f"'{key}' is not a list")
+    out = []
     for j, turn in enumerate(turns):
         if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
             raise RecordError(where, f"turn {j} lacks '{role_key}'/'{text_key}'")
@@ -61,8 +66,17 @@ def normalise(record, where: str) -> list[dict]:
             raise RecordError(where, f"turn {j} has unknown role {turn[role_key]!r}")
         if not isinstance(text, str):
             raise RecordError(where, f"turn {j} content is {type(text).__name__}, not a string")
-        if not text.strip():
-            continue
+        if text.strip():
+            out.append((j, role, text))
+    return out
+
+
+def normalise(record, where: str) -> list[dict]:
+    """One record -> a training conversation of {"role", "content"}: its turns (record_turns),
+    consecutive turns of the same role merged, leading assistant turns dropped, at least one
+    answer. Raises RecordError with the reason."""
+    messages: list[dict] = []
+    for j, role, text in record_turns(record, where):
         if role == "system" and messages:
             raise RecordError(where, f"turn {j}: system message after the conversation started")
         if messages and messages[-1]["role"] == role:
@@ -76,7 +90,8 @@ def normalise(record, where: str) -> list[dict]:
     return messages
 
 
-def _iter_json_array(path: Path, text: str, stats: ReadStats) -> Iterator[tuple[str, object]]:
+def _iter_json_array(path: Path, text: str, stats: ReadStats,
+                     strict: bool) -> Iterator[tuple[str, object]]:
     decoder = json.JSONDecoder()
     n = len(text)
     i = text.index("[") + 1
@@ -91,18 +106,24 @@ def _iter_json_array(path: Path, text: str, stats: ReadStats) -> Iterator[tuple[
             obj, end = decoder.raw_decode(text, i)
         except json.JSONDecodeError as e:
             if not cut_off:
-                raise RecordError(f"{path}: array index {index}", f"invalid JSON ({e.msg} at char {e.pos})") from None
+                raise RecordError(f"{path}: array index {index}",
+                                  f"invalid JSON ({e.msg} at char {e.pos})") from None
             # The file stops mid-record: everything from here on is the lost tail.
             stats.truncated_bytes = len(text[i:].encode("utf-8", "replace"))
+            if strict:
+                raise RecordError(f"{path}: array index {index}",
+                                  "the file is cut off inside this record") from None
             return
         yield f"{path}: array index {index}", obj
         index += 1
         i = end
 
 
-def iter_records(path: str | Path, stats: ReadStats | None = None) -> Iterator[tuple[str, object]]:
+def iter_records(path: str | Path, stats: ReadStats | None = None,
+                 strict: bool = False) -> Iterator[tuple[str, object]]:
     """Yield (where, raw record) from a .json array (possibly cut off) or JSONL file. Lines of JSONL
-    that do not parse are counted in `stats` and skipped."""
+    that do not parse are counted in `stats` and skipped; `strict`, they and a cut-off array raise
+    RecordError instead."""
     path = Path(path)
     stats = stats if stats is not None else ReadStats()
     if not path.is_file():
@@ -112,7 +133,7 @@ def iter_records(path: str | Path, stats: ReadStats | None = None) -> Iterator[t
         head = f.read(4096).lstrip()
         f.seek(0)
         if head.startswith("["):
-            yield from _iter_json_array(path, f.read(), stats)
+            yield from _iter_json_array(path, f.read(), stats, strict)
             return
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -120,11 +141,16 @@ def iter_records(path: str | Path, stats: ReadStats | None = None) -> Iterator[t
             try:
                 yield f"{path}:{lineno}", json.loads(line)
             except json.JSONDecodeError as e:
-                stats.note_bad(RecordError(f"{path}:{lineno}", f"invalid JSON ({e.msg} at column {e.colno})"))
+                err = RecordError(f"{path}:{lineno}", f"invalid JSON ({e.msg} at column {e.colno})")
+                if strict:
+                    raise err from None
+                stats.note_bad(err)
 
 
-def iter_conversations(path: str | Path, stats: ReadStats | None = None) -> Iterator[tuple[str, list[dict]]]:
-    """Yield (where, messages) for every usable record; bad ones are counted in `stats` and skipped."""
+def iter_conversations(path: str | Path,
+                       stats: ReadStats | None = None) -> Iterator[tuple[str, list[dict]]]:
+    """Yield (where, messages) for every usable record; bad ones are counted in `stats` and
+    skipped."""
     stats = stats if stats is not None else ReadStats()
     for where, record in iter_records(path, stats):
         stats.records += 1

@@ -1,5 +1,5 @@
-"""Draft vocabulary (DESIGN §5): the V_draft most frequent target tokens among supervised positions,
-ties broken by token id, stored sorted ascending, with the d2t / t2d maps vLLM and SGLang load."""
+"""Draft vocabulary: the V_draft most frequent target tokens among supervised positions, ties
+broken by token id, stored sorted ascending, with the d2t / t2d maps vLLM and SGLang load."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,15 +36,11 @@ def select_draft_vocab(counts: np.ndarray, draft_vocab_size: int) -> DraftVocab:
     counts = np.asarray(counts, dtype=np.int64)
     v = counts.shape[0]
     if not 0 < draft_vocab_size <= v:
-        raise ValueError(f"draft vocabulary size {draft_vocab_size} must be in [1, {v}] (the target's vocabulary)")
+        raise ValueError(f"draft vocabulary size {draft_vocab_size} must be in [1, {v}] "
+                         "(the target's vocabulary)")
     # lexsort sorts by the last key first: count descending, then id ascending.
     order = np.lexsort((np.arange(v), -counts))[:draft_vocab_size]
     chosen = np.sort(order)
     total = counts.sum()
     coverage = float(counts[chosen].sum() / total) if total else 0.0
     return DraftVocab(torch.from_numpy(chosen.astype(np.int64)), v, coverage)
-
-
-def vocab_from_d2t(d2t: torch.Tensor, target_vocab_size: int) -> DraftVocab:
-    draft_ids = d2t.to(torch.int64) + torch.arange(d2t.numel(), dtype=torch.int64)
-    return DraftVocab(draft_ids, target_vocab_size, float("nan"))

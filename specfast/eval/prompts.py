@@ -1,19 +1,19 @@
 """Prompt sets for `specfast eval`: conversations whose user turns are answered one after another.
 
 Accepted records (JSONL, one per line, or one JSON array of them):
-    {"turns": ["hi", "and then?"]}                                   user turns
-    {"messages": [{"role": "user", "content": ...}, ...]}            OpenAI style (prepare's heldout.jsonl)
-    {"conversations": [{"from": "human", "value": ...}, ...]}        ShareGPT style
-Only user turns (and a leading system message) are kept: the answers are the target's own.
+    {"turns": ["hi", "and then?"]}                                  user turns
+    {"messages": [{"role": "user", "content": ...}, ...]}           OpenAI style (heldout.jsonl)
+    {"conversations": [{"from": "human", "value": ...}, ...]}       ShareGPT style
+Chat records are read as `specfast prepare` reads them (specfast.data.readers, its role table
+included), then only the user turns and a system message before the first of them are kept: the
+answers are the target's own. Unlike training data, a bad record or line is an error, not skipped.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-USER_ROLES = {"user", "human"}
-SYSTEM_ROLES = {"system"}
+from specfast.data.readers import RecordError, iter_records, record_turns
 
 
 @dataclass
@@ -24,61 +24,33 @@ class Prompt:
 
 
 def parse_record(record, where: str) -> Prompt:
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if "turns" in record:
+    if isinstance(record, dict) and "turns" in record:
         turns = record["turns"]
         if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
-            raise ValueError(f"{where}: 'turns' must be a list of strings")
-        turns = [t for t in turns if t.strip()]
-        system = None
-    elif "messages" in record or "conversations" in record:
-        key, role_key, text_key = (("messages", "role", "content") if "messages" in record
-                                   else ("conversations", "from", "value"))
-        msgs = record[key]
-        if not isinstance(msgs, list):
-            raise ValueError(f"{where}: '{key}' is not a list")
-        turns, system = [], None
-        for j, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get(role_key), str) or not isinstance(m.get(text_key), str):
-                raise ValueError(f"{where}: {key}[{j}] needs string '{role_key}' and '{text_key}'")
-            role = m[role_key].lower()
-            if role in USER_ROLES and m[text_key].strip():
-                turns.append(m[text_key])
-            elif role in SYSTEM_ROLES and not turns and system is None:
-                system = m[text_key]
+            raise RecordError(where, "'turns' must be a list of strings")
+        turns, system = [t for t in turns if t.strip()], None
+    elif isinstance(record, dict) and not ("messages" in record or "conversations" in record):
+        raise RecordError(where, "no 'turns', 'messages' or 'conversations' field")
     else:
-        raise ValueError(f"{where}: no 'turns', 'messages' or 'conversations' field")
+        turns, system = [], None
+        for _, role, text in record_turns(record, where):
+            if role == "user":
+                turns.append(text)
+            elif role == "system" and not turns and system is None:
+                system = text
     if not turns:
-        raise ValueError(f"{where}: no user turn")
+        raise RecordError(where, "no user turn")
     return Prompt(turns=turns, system=system, where=where)
 
 
 def read_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such prompt file")
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-        items = [(f"{path}: array index {i}", r) for i, r in enumerate(records)]
-    else:
-        items = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                items.append((f"{path}:{lineno}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-    if limit is not None:
-        if limit < 1:
-            raise ValueError(f"--limit must be ≥ 1, not {limit}")
-        items = items[:limit]
-    prompts = [parse_record(r, where) for where, r in items]
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be ≥ 1, not {limit}")
+    prompts = []
+    for where, record in iter_records(path, strict=True):
+        prompts.append(parse_record(record, where))
+        if len(prompts) == limit:
+            break
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return prompts
