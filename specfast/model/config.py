@@ -1,8 +1,12 @@
-"""DraftConfig: the draft's shape, copied from the target's config, plus the draft vocabulary size and
-the aux layer ids. It is what checkpoints store and what export turns into vLLM/SGLang config.json."""
+"""DraftConfig: the draft's shape, copied from the target's config, plus the draft vocabulary size
+and the aux layer ids. Checkpoints store it; export turns it into vLLM/SGLang config.json."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+
+
+class DraftFormatError(ValueError):
+    """Stored draft weights or config that disagree with each other (export refuses them)."""
 
 
 @dataclass
@@ -15,22 +19,24 @@ class DraftConfig:
     intermediate_size: int
     vocab_size: int  # the target's vocabulary
     draft_vocab_size: int
-    aux_layer_ids: list[int]  # outputs of these 0-based target layers feed `fc` (see targets.base)
+    aux_layer_ids: list[int]  # outputs of these 0-based target layers feed `fc` (conventions.py)
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # the target's rope_scaling / rope_parameters beyond theta, if any
+    rope_scaling: dict | None = None  # the target's rope_scaling / rope_parameters beyond theta
     max_position_embeddings: int = 4096
     hidden_act: str = "silu"
-    norm_before_residual: bool = False  # the residual is the un-normed hidden state (DESIGN §3)
+    norm_before_residual: bool = False  # False: the residual is h itself, not hidden_norm(h)
     target_num_layers: int = 0
     extra: dict = field(default_factory=dict)
 
     @staticmethod
     def from_target(cfg, draft_vocab_size: int, aux_layer_ids: list[int]) -> "DraftConfig":
         """cfg: the target's transformers config."""
-        # transformers 5 keeps rope fields in `rope_parameters` (and mirrors them as `rope_scaling`);
-        # older configs have `rope_theta` plus an optional `rope_scaling`. Plain RoPE exports rope_scaling null.
-        rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+        # transformers 5 keeps rope fields in `rope_parameters` (mirrored as `rope_scaling`); older
+        # configs have `rope_theta` plus an optional `rope_scaling`. Plain RoPE exports
+        # rope_scaling null.
+        rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None)
+                    or {})
         rope_theta = rope.pop("rope_theta", getattr(cfg, "rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         scaling = rope if rope_type != "default" else None

@@ -1,9 +1,10 @@
-"""The EAGLE-3 draft (DESIGN §3), with tensor names exactly as vLLM and SGLang load them:
+"""The EAGLE-3 draft, with tensor names exactly as vLLM and SGLang load them:
 
-    fc                      Linear(3·H_target → H): fuses the three aux hidden states
-    midlayer                one decoder layer whose q/k/v read [input_layernorm(embed(token)), hidden_norm(h)] (2H)
-    norm, lm_head           RMSNorm, Linear(H → V_draft)
-    d2t, t2d                draft↔target vocabulary maps (buffers)
+    fc             Linear(3·H_target → H): fuses the three aux hidden states
+    midlayer       one decoder layer whose q/k/v read the 2H-wide
+                   [input_layernorm(embed(token)), hidden_norm(h)]; its residual is h itself
+    norm, lm_head  RMSNorm, Linear(H → V_draft)
+    d2t, t2d       draft↔target vocabulary maps (buffers)
 
 The token embedding is the target's, frozen and not saved. `attend` is a callback so the training
 unroll (TTT attention over several steps) and the inference loop (a KV cache) share the layer.
@@ -42,16 +43,19 @@ class RotaryEmbedding(nn.Module):
                          rope_parameters=cfg.rope_parameters())
         rope_type = cfg.rope_parameters()["rope_type"]
         if rope_type == "default":
-            inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+            exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim
+            inv_freq = 1.0 / (cfg.rope_theta ** exponents)
             self.attention_scaling = 1.0
         else:
             inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](lc, None)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[..., None] * self.inv_freq  # [..., T, D/2]
         emb = torch.cat([freqs, freqs], dim=-1)
-        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+        scale = self.attention_scaling
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -103,7 +107,8 @@ class DecoderLayer(nn.Module):
         self.norm_before_residual = cfg.norm_before_residual
 
     def forward(self, emb, h, cos, sin, attend):
-        """emb, h [B, T, H]; attend(q, k, v) -> [B, nh, T, hd]. Returns the new hidden state (pre-`norm`)."""
+        """emb, h [B, T, H]; attend(q, k, v) -> [B, nh, T, hd]. Returns the new hidden state
+        (before `norm`)."""
         hn = self.hidden_norm(h)
         residual = hn if self.norm_before_residual else h
         x = torch.cat([self.input_layernorm(emb), hn], dim=-1)
@@ -156,12 +161,13 @@ class Eagle3Draft(nn.Module):
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         if self.embed_tokens.numel() == 0:
-            raise RuntimeError("draft has no token embeddings: call attach_target(target.embed_weight()) first")
+            raise RuntimeError("draft has no token embeddings: "
+                               "call attach_target(target.embed_weight()) first")
         return F.embedding(token_ids, self.embed_tokens).to(self.fc.weight.dtype)
 
     def step(self, token_ids, h, positions, attend):
-        """One draft step: token_ids, positions [B, T]; h [B, T, H] (fc output, or the previous step's
-        hidden state). Returns the new hidden state [B, T, H] before `norm`."""
+        """One draft step: token_ids, positions [B, T]; h [B, T, H] (fc output, or the previous
+        step's hidden state). Returns the new hidden state [B, T, H] before `norm`."""
         cos, sin = self.rotary(positions, h.dtype)
         return self.midlayer(self.embed(token_ids), h, cos, sin, attend)
 
