@@ -1,22 +1,26 @@
 """`specfast demo`: the whole path on the embedded defaults — SmolLM2-135M-Instruct as the target,
-ShareGPT V3 as the data — sized for ~10 minutes on 2 CPU cores: prepare, train, export, summarise."""
+ShareGPT V3 as the data — sized for ~10 minutes on 2 CPU cores: prepare, train, export,
+summarise."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
 import torch
 
+from specfast.fileio import atomic_write_json
+
 log = logging.getLogger("specfast")
 
 # Sized for 2 CPU cores: short rows and few TTT steps buy more optimizer steps in the time budget.
-DEMO_TRAIN = dict(ttt_steps=4, batch_tokens=1024, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1, save_every=50)
+DEMO_TRAIN = dict(ttt_steps=4, batch_tokens=1024, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1,
+                  save_every=50)
 
 
-def run_demo(out: str | Path, minutes: float = 6.0, conversations: int = 3000, target: str = "smollm2",
-             device: str = "auto", eval_prompts: int = 8, eval_tokens: int = 64) -> dict:
+def run_demo(out: str | Path, minutes: float = 6.0, conversations: int = 3000,
+             target: str = "smollm2", device: str = "auto", eval_prompts: int = 8,
+             eval_tokens: int = 64) -> dict:
     from transformers import AutoTokenizer
 
     from specfast.data.prepare import prepare, sharegpt_default_path
@@ -35,8 +39,8 @@ def run_demo(out: str | Path, minutes: float = 6.0, conversations: int = 3000, t
 
     log.info("[2/5] prepare: %d ShareGPT conversations (+64 held out)", conversations)
     tok = AutoTokenizer.from_pretrained(target_path)
-    stats = prepare([sharegpt_default_path()], out / "data", tok, target, limit=conversations, heldout=64,
-                    max_len=1024)
+    stats = prepare([sharegpt_default_path()], out / "data", tok, target, limit=conversations,
+                    heldout=64, max_len=1024)
 
     log.info("[3/5] train for %.1f minutes", minutes)
     cfg = TrainConfig(data=str(out / "data"), target=target, out=str(out / "run"), device=device,
@@ -46,8 +50,10 @@ def run_demo(out: str | Path, minutes: float = 6.0, conversations: int = 3000, t
     log.info("[4/5] export")
     export = export_draft(out / "run", out / "export", extra={"target": target})
 
-    log.info("[5/5] eval: speculative decoding of %d held-out conversations (K=3, greedy)", eval_prompts)
-    ev = measure_acceptance(export, target, out / "data" / "heldout.jsonl", eval_prompts, eval_tokens, device)
+    log.info("[5/5] eval: speculative decoding of %d held-out conversations (K=3, greedy)",
+             eval_prompts)
+    ev = measure_acceptance(export, target, out / "data" / "heldout.jsonl", eval_prompts,
+                            eval_tokens, device)
     write_report(ev, out / "eval")
 
     result = {
@@ -65,27 +71,23 @@ def run_demo(out: str | Path, minutes: float = 6.0, conversations: int = 3000, t
         "export": str(export),
         "wall_seconds": round(time.time() - t_start, 1),
     }
-    (out / "demo_summary.json").write_text(json.dumps(result, indent=2))
+    atomic_write_json(out / "demo_summary.json", result)
     print_summary(result)
     return result
 
 
-def measure_acceptance(export: Path, target: str, prompts_path: Path, limit: int, max_new_tokens: int,
-                       device: str) -> dict:
-    from specfast.eval.evaluate import evaluate
-    from specfast.eval.load import build_draft, read_draft
+def measure_acceptance(export: Path, target: str, prompts_path: Path, limit: int,
+                       max_new_tokens: int, device: str) -> dict:
+    from specfast.eval.evaluate import evaluate, load_for_eval
     from specfast.eval.prompts import Prompt, read_prompts
-    from specfast.targets import load_target
-    from specfast.train.trainer import resolve_device
 
-    tensors, cfg = read_draft(export)
-    tgt = load_target(target, device=str(resolve_device(device)), aux_layer_ids=cfg.aux_layer_ids)
-    draft = build_draft(tensors, cfg, tgt, str(export))
-    # First user turns only, cut short: ShareGPT conversations are long, and each turn is generated twice
-    # (with the draft, and by the target alone for the speedup) on 2 CPU cores.
-    prompts = [Prompt(turns=[p.turns[0][:1000]], system=p.system, where=p.where) for p in read_prompts(prompts_path, limit=limit)]
-    # Batch-1 decoding of a small model is latency-bound: on CPU one thread is as fast as two and does
-    # not collapse when another process holds a core.
+    tgt, draft = load_for_eval(export, target, device)
+    # First user turns only, cut short: ShareGPT conversations are long, and each turn is generated
+    # twice (with the draft, and by the target alone for the speedup) on 2 CPU cores.
+    prompts = [Prompt(turns=[p.turns[0][:1000]], system=p.system, where=p.where)
+               for p in read_prompts(prompts_path, limit=limit)]
+    # Batch-1 decoding of a small model is latency-bound: on CPU one thread is as fast as two and
+    # does not collapse when another process holds a core.
     threads = torch.get_num_threads()
     if tgt.device.type == "cpu":
         torch.set_num_threads(1)
@@ -104,8 +106,9 @@ def print_summary(r: dict) -> None:
         ("accuracy per TTT step", " ".join(f"{a:.3f}" for a in r["acc_per_step"])),
         ("simulated acceptance length", f"{r['sim_accept_len']:.3f}"),
     ]
-    rows.append(("measured acceptance length τ", f"{r['measured_accept_len']:.3f}  (held-out, K=3, greedy; "
-                 f"by position {' '.join(f'{a:.2f}' for a in r['accept_rate_by_position'])})"))
+    by_position = " ".join(f"{a:.2f}" for a in r["accept_rate_by_position"])
+    rows.append(("measured acceptance length τ", f"{r['measured_accept_len']:.3f}  (held-out, K=3, "
+                 f"greedy; by position {by_position})"))
     if r.get("speedup"):
         rows.append(("speedup over target alone", f"{r['speedup']:.2f}x"))
     rows += [("export", r["export"]), ("wall time", f"{r['wall_seconds']:.0f} s")]

@@ -1,8 +1,7 @@
-"""`specfast eval`: acceptance length by real speculative decoding (HF target + EAGLE-3 draft)."""
-from .evaluate import evaluate, plot_acceptance, write_report
-from .load import load_draft, read_draft
+"""`specfast eval`: acceptance length by real speculative decoding (target + EAGLE-3 draft)."""
+from .evaluate import evaluate, load_for_eval, plot_acceptance, write_report
 from .prompts import Prompt, read_prompts
 from .stats import AcceptanceStats
 
-__all__ = ["evaluate", "write_report", "plot_acceptance", "load_draft", "read_draft", "read_prompts", "Prompt",
+__all__ = ["evaluate", "load_for_eval", "write_report", "plot_acceptance", "read_prompts", "Prompt",
            "AcceptanceStats"]

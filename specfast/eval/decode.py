@@ -1,43 +1,23 @@
-"""Decoding with a Hugging Face target and its KV cache (DynamicCache), batch size 1: plain generation
-(the baseline) and chain speculative decoding with a proposer, plus the two acceptance rules.
+"""Decoding with the target and its KV cache (TargetModel.forward_cached), batch size 1: plain
+generation (the baseline) and chain speculative decoding with a proposer, plus the two acceptance
+rules.
 
 Speculative loop, sequence x[0..L), the target's cache holding positions 0..L-1, x[L] just emitted:
     1. the proposer drafts d1..dK;
     2. the target reads [x[L], d1..dK] in one forward (positions L..L+K);
-    3. the first n drafts are accepted and one more token comes from the target (the correction at the
-       first rejection, or the bonus token when all K are accepted): n + 1 new tokens;
-    4. the target's cache is cropped to L + n + 1 (the rejected drafts' entries go), and the proposer
-       is re-fed positions L..L+n with the target's aux hidden states from step 2.
-Greedy (temperature 0) accepts d_j iff it equals the target's argmax, so the output is the target's own
-greedy output. Sampling uses speculative rejection sampling, which leaves the target's distribution
-unchanged (Leviathan et al. 2023; Chen et al. 2023).
+    3. the first n drafts are accepted and one more token comes from the target (the correction at
+       the first rejection, or the bonus token when all K are accepted): n + 1 new tokens;
+    4. the target's cache is cropped to L + n + 1 (the rejected drafts' entries go), and the
+       proposer is re-fed positions L..L+n with the target's aux hidden states from step 2.
+Greedy (temperature 0) accepts d_j iff it equals the target's argmax, so the output is the target's
+own greedy output. Sampling uses speculative rejection sampling, which leaves the target's
+distribution unchanged (Leviathan et al. 2023; Chen et al. 2023).
 """
 from __future__ import annotations
 
 import torch
 
 from .stats import AcceptanceStats
-
-
-def crop_cache(cache, length: int) -> None:
-    """Keep the first `length` positions. A negative argument removes that many tokens, which is what
-    DynamicCache.crop means by it in every transformers version (v5 refuses a positive one)."""
-    remove = cache.get_seq_length() - length
-    if remove > 0:
-        cache.crop(-remove)
-
-
-@torch.no_grad()
-def target_forward(model, tokens: list[int], cache, aux_layer_ids: list[int] | None, logits_to_keep: int):
-    """Feed `tokens` after what `cache` holds. Returns (fp32 logits [logits_to_keep, V] for the last
-    positions, aux hidden [1, T, 3·H] or None): aux = concat of hidden_states[i + 1] (layer i's output)."""
-    ids = torch.tensor([tokens], device=model.device)
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep,
-                output_hidden_states=aux_layer_ids is not None)
-    aux = None
-    if aux_layer_ids is not None:
-        aux = torch.cat([out.hidden_states[i + 1] for i in aux_layer_ids], dim=-1)
-    return out.logits[0].float(), aux
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
@@ -52,7 +32,8 @@ def pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | 
 
 
 def accept_greedy(target_logits: torch.Tensor, proposals: list[int]) -> tuple[int, int]:
-    """target_logits [K+1, V] at the verification rows. Returns (accepted n, the target's next token)."""
+    """target_logits [K+1, V] at the verification rows. Returns (accepted n, the target's next
+    token)."""
     best = target_logits.argmax(dim=-1).tolist()
     n = 0
     while n < len(proposals) and proposals[n] == best[n]:
@@ -62,10 +43,11 @@ def accept_greedy(target_logits: torch.Tensor, proposals: list[int]) -> tuple[in
 
 def accept_sampled(p: torch.Tensor, q: torch.Tensor, proposals: list[int],
                    generator: torch.Generator | None) -> tuple[int, int]:
-    """Speculative rejection sampling. p [K+1, V]: the target's probabilities at the verification rows;
-    q [K, V]: the draft's, over target ids (zero outside the draft vocabulary). Draft token x_j is
-    accepted with probability min(1, p_j(x)/q_j(x)); at the first rejection the next token is drawn
-    from norm(max(0, p_j − q_j)); if all K are accepted, the bonus token is drawn from p_K."""
+    """Speculative rejection sampling. p [K+1, V]: the target's probabilities at the verification
+    rows; q [K, V]: the draft's, over target ids (zero outside the draft vocabulary). Draft token
+    x_j is accepted with probability min(1, p_j(x)/q_j(x)); at the first rejection the next token
+    is drawn from norm(max(0, p_j − q_j)); if all K are accepted, the bonus token is drawn from
+    p_K."""
     p, q = p.cpu(), q.cpu()
     for j, x in enumerate(proposals):
         u = float(torch.rand((), generator=generator))
@@ -86,33 +68,30 @@ def _stop(tokens: list[int], eos_ids: set[int], max_new_tokens: int) -> tuple[li
     return tokens[:max_new_tokens], len(tokens) >= max_new_tokens
 
 
-def generate_plain(model, prompt_ids: list[int], temperature: float, max_new_tokens: int, eos_ids: set[int],
-                   generator: torch.Generator | None = None) -> list[int]:
+def generate_plain(target, prompt_ids: list[int], temperature: float, max_new_tokens: int,
+                   eos_ids: set[int], generator: torch.Generator | None = None) -> list[int]:
     """The target alone, one token per forward (the baseline)."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    logits, _ = target_forward(model, prompt_ids, cache, None, 1)
+    cache = target.new_cache()
+    logits, _ = target.forward_cached(prompt_ids, cache)
     out: list[int] = []
     while True:
         out.append(pick(logits[-1], temperature, generator))
         out, done = _stop(out, eos_ids, max_new_tokens)
         if done:
             return out
-        logits, _ = target_forward(model, out[-1:], cache, None, 1)
+        logits, _ = target.forward_cached(out[-1:], cache)
 
 
-def generate_speculative(model, aux_layer_ids: list[int], proposer, prompt_ids: list[int], k: int,
-                         temperature: float, max_new_tokens: int, eos_ids: set[int],
-                         generator: torch.Generator | None, stats: AcceptanceStats) -> list[int]:
-    """Chain speculative decoding (see the module docstring). `proposer` has reset(), extend(next_tokens,
-    aux_hidden) and propose(k, temperature, generator) -> Proposal (specfast.eval.proposer)."""
-    from transformers import DynamicCache
-
+def generate_speculative(target, proposer, prompt_ids: list[int], k: int, temperature: float,
+                         max_new_tokens: int, eos_ids: set[int], generator: torch.Generator | None,
+                         stats: AcceptanceStats) -> list[int]:
+    """Chain speculative decoding (see the module docstring). `proposer` has reset(),
+    extend(next_tokens, aux_hidden) and propose(k, temperature, generator) -> Proposal
+    (specfast.eval.proposer)."""
     if max_new_tokens < 1:
         return []
-    cache = DynamicCache()
-    logits, aux = target_forward(model, prompt_ids, cache, aux_layer_ids, 1)
+    cache = target.new_cache()
+    logits, aux = target.forward_cached(prompt_ids, cache, with_aux=True)
     out = [pick(logits[-1], temperature, generator)]
     out, done = _stop(out, eos_ids, max_new_tokens)
     if done:
@@ -123,16 +102,17 @@ def generate_speculative(model, aux_layer_ids: list[int], proposer, prompt_ids: 
         proposal = proposer.propose(k, temperature, generator)
         if len(proposal.tokens) != k:
             raise RuntimeError(f"proposer returned {len(proposal.tokens)} tokens, asked for {k}")
-        length = cache.get_seq_length()
-        logits, aux = target_forward(model, out[-1:] + proposal.tokens, cache, aux_layer_ids, k + 1)
+        length = len(cache)
+        logits, aux = target.forward_cached(out[-1:] + proposal.tokens, cache, with_aux=True,
+                                            logits_to_keep=k + 1)
         if temperature == 0:
             n, nxt = accept_greedy(logits, proposal.tokens)
         else:
-            n, nxt = accept_sampled(torch.softmax(logits / temperature, dim=-1), proposal.q, proposal.tokens,
-                                    generator)
+            n, nxt = accept_sampled(torch.softmax(logits / temperature, dim=-1), proposal.q,
+                                    proposal.tokens, generator)
         stats.observe(n)
         new = proposal.tokens[:n] + [nxt]
-        crop_cache(cache, length + n + 1)  # keeps x[L], d1..dn; the rejected drafts' entries go
+        cache.crop(length + n + 1)  # keeps x[L], d1..dn; the rejected drafts' entries go
         out, done = _stop(out + new, eos_ids, max_new_tokens)
         if done:
             return out

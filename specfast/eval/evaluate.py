@@ -2,7 +2,6 @@
 alone for the timing baseline; and the report (JSON + a PNG of acceptance by draft position)."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -10,10 +9,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from specfast.data.chat import encode_prompt
+from specfast.device import resolve_device
+from specfast.fileio import atomic_path, atomic_write_json
 from specfast.model.draft import Eagle3Draft
+from specfast.model.load import check_matches_target, draft_from_weights, read_draft
 
 from .decode import generate_plain, generate_speculative
-from .load import check_matches_target
 from .prompts import Prompt
 from .proposer import Eagle3Proposer
 from .stats import AcceptanceStats
@@ -21,29 +23,15 @@ from .stats import AcceptanceStats
 log = logging.getLogger("specfast")
 
 
-def eos_ids_of(target) -> set[int]:
-    """The tokenizer's EOS and the generation config's eos_token_id(s)."""
-    ids = set()
-    tok_eos = getattr(target.tokenizer, "eos_token_id", None)
-    if tok_eos is not None:
-        ids.add(int(tok_eos))
-    gen_cfg = getattr(target.model, "generation_config", None)
-    gen_eos = getattr(gen_cfg, "eos_token_id", None)
-    if gen_eos is not None:
-        ids.update(int(i) for i in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]))
-    return ids
+def load_for_eval(draft_path: str | Path, target_name: str, device: str | torch.device = "cpu"):
+    """(target, draft): the target with the aux layers the draft was trained on, and the draft
+    beside it (specfast.model.load)."""
+    from specfast.targets import load_target
 
-
-def encode_chat(tokenizer, messages: list[dict], where: str) -> list[int]:
-    """The chat template with the generation prompt, tokenised without extra special tokens."""
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception as e:  # a template error is a data/tokenizer problem: say where
-        raise ValueError(f"{where}: chat template failed ({e})") from None
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError(f"{where}: the chat template produced no tokens")
-    return list(ids)
+    tensors, cfg = read_draft(draft_path)
+    target = load_target(target_name, device=resolve_device(device),
+                         aux_layer_ids=cfg.aux_layer_ids)
+    return target, draft_from_weights(tensors, cfg, target, str(draft_path))
 
 
 def _as_prompts(prompts) -> list[Prompt]:
@@ -62,16 +50,17 @@ def _as_prompts(prompts) -> list[Prompt]:
     return out
 
 
-def _run_conversation(target, prompt: Prompt, generate_turn, eos: set[int]) -> tuple[list[list[int]], float]:
-    """Answer the user turns in order, each answer kept in the context (every turn prefills the whole
-    conversation afresh, on both sides alike). Returns (per-turn outputs, seconds spent generating:
-    prefill + decoding, not tokenisation)."""
+def _run_conversation(target, prompt: Prompt, generate_turn,
+                      eos: set[int]) -> tuple[list[list[int]], float]:
+    """Answer the user turns in order, each answer kept in the context (every turn prefills the
+    whole conversation afresh, on both sides alike). Returns (per-turn outputs, seconds spent
+    generating: prefill + decoding, not tokenisation)."""
     tok = target.tokenizer
     messages = [{"role": "system", "content": prompt.system}] if prompt.system else []
     outputs, seconds = [], 0.0
     for turn in prompt.turns:
         messages.append({"role": "user", "content": turn})
-        ids = encode_chat(tok, messages, prompt.where)
+        ids = encode_prompt(tok, messages, prompt.where)
         t0 = time.perf_counter()
         out = generate_turn(ids)
         seconds += time.perf_counter() - t0
@@ -86,16 +75,18 @@ def _speed(tokens: int, seconds: float) -> dict:
             "tokens_per_s": tokens / seconds if seconds > 0 else None}
 
 
-def evaluate(target, draft, prompts, k: int = 3, temperature: float = 0.0, max_new_tokens: int = 256, *,
-             baseline: bool = True, seed: int = 0, progress: bool = True, keep_outputs: bool = False) -> dict:
+def evaluate(target, draft, prompts, k: int = 3, temperature: float = 0.0,
+             max_new_tokens: int = 256, *, baseline: bool = True, seed: int = 0,
+             progress: bool = True, keep_outputs: bool = False) -> dict:
     """Speculative decoding of every prompt with `draft` proposing `k` tokens per step, verified by
-    `target` (an HFTarget: .model, .tokenizer, .aux_layer_ids, .embed_weight()).
+    `target` (a TargetModel that decodes).
 
-    draft: an Eagle3Draft with the target's embeddings attached (specfast.eval.load.load_draft), or any
-           proposer with reset() / extend(next_tokens, aux_hidden) / propose(k, temperature, generator).
+    draft: an Eagle3Draft with the target's embeddings attached (specfast.model.load.load_draft),
+           or any proposer with reset() / extend(next_tokens, aux_hidden) /
+           propose(k, temperature, generator).
     prompts: Prompt objects (specfast.eval.prompts.read_prompts), strings, or lists of user turns.
-    baseline: also run the target alone on the same prompts, for tokens/s and the speedup (and, greedy,
-              to check the speculative output is identical).
+    baseline: also run the target alone on the same prompts, for tokens/s and the speedup (and,
+              greedy, to check the speculative output is identical).
     Returns a dict: vLLM-style acceptance counters, τ, acceptance rate by position, speeds, speedup.
     """
     if k < 1:
@@ -110,37 +101,41 @@ def evaluate(target, draft, prompts, k: int = 3, temperature: float = 0.0, max_n
         proposer = Eagle3Proposer(draft)
     else:
         proposer = draft
-    model, aux_ids, eos = target.model, list(target.aux_layer_ids), eos_ids_of(target)
+    eos = target.eos_token_ids()
     if not eos:
         log.warning("the tokenizer names no EOS token: every turn runs to --max-new-tokens")
     gen_base = torch.Generator().manual_seed(seed)
     gen_spec = torch.Generator().manual_seed(seed + 1)
 
     def plain(ids):
-        return generate_plain(model, ids, temperature, max_new_tokens, eos, gen_base)
+        return generate_plain(target, ids, temperature, max_new_tokens, eos, gen_base)
 
     def speculative(stats):
-        return lambda ids: generate_speculative(model, aux_ids, proposer, ids, k, temperature, max_new_tokens,
-                                                eos, gen_spec, stats)
+        return lambda ids: generate_speculative(target, proposer, ids, k, temperature,
+                                                max_new_tokens, eos, gen_spec, stats)
 
     # Warm-up (untimed): the first forwards pay one-off allocation and dispatch costs.
-    warm_ids = encode_chat(target.tokenizer, [{"role": "user", "content": prompts[0].turns[0]}], prompts[0].where)
-    generate_plain(model, warm_ids, temperature, 2, eos, torch.Generator().manual_seed(seed))
-    generate_speculative(model, aux_ids, proposer, warm_ids, k, temperature, k + 2, eos,
+    first = prompts[0]
+    warm_ids = encode_prompt(target.tokenizer, [{"role": "user", "content": first.turns[0]}],
+                             first.where)
+    generate_plain(target, warm_ids, temperature, 2, eos, torch.Generator().manual_seed(seed))
+    generate_speculative(target, proposer, warm_ids, k, temperature, k + 2, eos,
                          torch.Generator().manual_seed(seed), AcceptanceStats(k))
 
     total = AcceptanceStats(k)
     spec_tokens = spec_seconds = base_tokens = base_seconds = 0
     mismatched_turns, num_turns, per_prompt = 0, 0, []
-    for prompt in tqdm(prompts, desc="eval", unit="prompt", disable=not progress, mininterval=1.0):
+    for prompt in tqdm(prompts, desc="eval", unit="prompt", disable=not progress,
+                       mininterval=1.0):
         stats = AcceptanceStats(k)
         spec_out, secs = _run_conversation(target, prompt, speculative(stats), eos)
         spec_seconds += secs
         spec_tokens += sum(map(len, spec_out))
         total.merge(stats)
         num_turns += len(prompt.turns)
-        entry = {"where": prompt.where, "turns": len(prompt.turns), "generated_tokens": sum(map(len, spec_out)),
-                 "num_drafts": stats.num_drafts, "acceptance_length": stats.acceptance_length}
+        entry = {"where": prompt.where, "turns": len(prompt.turns),
+                 "generated_tokens": sum(map(len, spec_out)), "num_drafts": stats.num_drafts,
+                 "acceptance_length": stats.acceptance_length}
         if baseline:
             base_out, secs = _run_conversation(target, prompt, plain, eos)
             base_seconds += secs
@@ -157,7 +152,8 @@ def evaluate(target, draft, prompts, k: int = 3, temperature: float = 0.0, max_n
                 entry["baseline_outputs"] = base_out
         per_prompt.append(entry)
     if mismatched_turns:
-        log.warning("%d turn(s) differ between greedy speculative decoding and the target alone", mismatched_turns)
+        log.warning("%d turn(s) differ between greedy speculative decoding and the target alone",
+                    mismatched_turns)
 
     spec = _speed(spec_tokens, spec_seconds)
     base = _speed(base_tokens, base_seconds) if baseline else None
@@ -201,7 +197,8 @@ def plot_acceptance(results: dict, path: str | Path) -> Path:
                  f"(K={results['num_spec_tokens']}, T={results['temperature']})", fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")  # the temporary name has no .png suffix to infer it from
     plt.close(fig)
     return path
 
@@ -210,7 +207,5 @@ def write_report(results: dict, out: str | Path) -> tuple[Path, Path]:
     """results.json and, beside it, results.png."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(out)
+    atomic_write_json(out, results)
     return out, plot_acceptance(results, out.with_suffix(".png"))

@@ -41,8 +41,9 @@ class DraftKVCache:
             self.k, self.v = self.k[:, :, :length], self.v[:, :, :length]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The `attend` callback of Eagle3Draft.step: q [1, nh, T, hd], k/v [1, nkv, T, hd] for T new
-        positions right after the cache. Appends k/v; query i sees cached keys and new keys ≤ i."""
+        """The `attend` callback of Eagle3Draft.step: q [1, nh, T, hd], k/v [1, nkv, T, hd] for T
+        new positions right after the cache. Appends k/v; query i sees cached keys and new keys
+        ≤ i."""
         start = len(self)
         self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
         self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
@@ -53,15 +54,15 @@ class DraftKVCache:
         keys = self.k.repeat_interleave(nh // nkv, dim=1)
         values = self.v.repeat_interleave(nh // nkv, dim=1)
         T, S = q.shape[2], keys.shape[2]
-        visible = torch.arange(S, device=q.device)[None, :] <= start + torch.arange(T, device=q.device)[:, None]
+        visible = (torch.arange(S, device=q.device)[None, :]
+                   <= start + torch.arange(T, device=q.device)[:, None])
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
 
 
 @dataclass
 class Proposal:
     tokens: list[int]  # K target token ids
-    q: torch.Tensor | None  # [K, V_target] fp32 draft probabilities in target ids (None when greedy)
-    logits: torch.Tensor  # [K, V_draft] the draft's logits for each proposal
+    q: torch.Tensor | None  # [K, V_target] fp32 draft probabilities in target ids (None: greedy)
 
 
 class Eagle3Proposer:
@@ -87,7 +88,8 @@ class Eagle3Proposer:
         n = len(next_tokens)
         if aux_hidden.shape[1] != n:
             raise ValueError(f"{n} tokens but {aux_hidden.shape[1]} aux hidden states")
-        self.cache.crop(self.committed)  # speculative entries out; accepted ones are recomputed below
+        # Speculative entries out; the accepted ones are recomputed below.
+        self.cache.crop(self.committed)
         d = self.draft
         dev = d.fc.weight.device
         h = d.fc(aux_hidden.to(device=dev, dtype=d.fc.weight.dtype))
@@ -103,14 +105,13 @@ class Eagle3Proposer:
             raise RuntimeError("propose() before extend(): the draft has no verified position yet")
         d = self.draft
         dev = d.fc.weight.device
-        h, tokens, qs, logits_all = self.h_last, [], [], []
+        h, tokens, qs = self.h_last, [], []
         for j in range(k):
             if j > 0:
                 token = torch.tensor([[tokens[-1]]], device=dev)
                 pos = torch.tensor([[self.committed - 1 + j]], device=dev)
                 h = d.step(token, h, pos, self.cache.attend)
             logits = d.logits(h)[0, -1].float()
-            logits_all.append(logits)
             if temperature == 0:
                 draft_id = int(logits.argmax())
             else:
@@ -121,4 +122,4 @@ class Eagle3Proposer:
                 q[self.draft_ids] = probs
                 qs.append(q)
             tokens.append(draft_id + self.d2t[draft_id])
-        return Proposal(tokens, torch.stack(qs) if qs else None, torch.stack(logits_all))
+        return Proposal(tokens, torch.stack(qs) if qs else None)
