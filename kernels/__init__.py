@@ -4,13 +4,18 @@ Each op has a plain-PyTorch reference (the definition of its math), a fast path 
 an efficient PyTorch path on CPU), and tests holding the fast path to the reference.
 """
 from .pruned_vocab_loss import pruned_vocab_loss, pruned_vocab_loss_reference
+from .rms_norm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
 from .ttt_attention import ttt_attention, ttt_attention_reference
 from .vocab_argmax import full_vocab_argmax
 
 __all__ = [
+    "add_rms_norm",
+    "add_rms_norm_reference",
     "full_vocab_argmax",
     "pruned_vocab_loss",
     "pruned_vocab_loss_reference",
+    "rms_norm",
+    "rms_norm_reference",
     "ttt_attention",
     "ttt_attention_reference",
 ]

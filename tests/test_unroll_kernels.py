@@ -1,0 +1,104 @@
+"""The per-step elementwise chain of the fused unroll (rms_norm, add_rms_norm): Triton
+under TRITON_INTERPRET=1 and the torch path held to the plain-PyTorch references, forward and the
+gradients of every differentiable input, on fresh random inputs of odd sizes."""
+import pytest
+import torch
+from specfast.kernels import (
+    add_rms_norm,
+    add_rms_norm_reference,
+    rms_norm,
+    rms_norm_reference,
+)
+
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=1e-2)}
+BACKENDS = ["torch", "triton"]
+B = 2
+
+
+def strided(shape, dtype, pad=7):
+    """A slice of a wider buffer: the row stride is not the row length."""
+    *lead, n = shape
+    return torch.randn(*lead, n + pad, dtype=dtype)[..., 3:3 + n]
+
+
+def assert_grads_match(fast_outs, ref_outs, inputs, tol):
+    """Outputs equal, then the gradients of `inputs` for one random upstream gradient per output."""
+    for i, (a, b) in enumerate(zip(fast_outs, ref_outs)):
+        assert a.dtype == b.dtype and a.shape == b.shape, f"output {i}"
+        torch.testing.assert_close(a.float(), b.float(), **tol,
+                                   msg=lambda m, i=i: f"output {i}: {m}")
+    ups = [torch.randn_like(b) for b in ref_outs]
+    got = torch.autograd.grad(fast_outs, inputs, ups)
+    want = torch.autograd.grad(ref_outs, inputs, ups)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.dtype == b.dtype and a.shape == b.shape, f"grad {i}"
+        torch.testing.assert_close(a.float(), b.float(), **tol, msg=lambda m, i=i: f"grad {i}: {m}")
+
+
+# --------------------------------------------------------------------------------------------------
+# rms_norm, add_rms_norm
+# --------------------------------------------------------------------------------------------------
+# (T, H, x dtype, weight dtype): every T and H, fp32 and fp16, and the autocast case (fp16
+# activations, fp32 weight, fp32 output). A covering set: the interpreter runs programs in Python.
+NORM_CASES = [
+    (1, 130, torch.float32, torch.float32),
+    (7, 33, torch.float32, torch.float32),
+    (19, 130, torch.float16, torch.float16),
+    (7, 33, torch.float16, torch.float32),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T,H,dtype,w_dtype", NORM_CASES)
+def test_rms_norm_matches_reference(seed, backend, T, H, dtype, w_dtype):
+    x = strided((B, T, H), dtype).requires_grad_()
+    w = torch.randn(H, dtype=w_dtype).requires_grad_()
+    eps = 1e-6
+    out = rms_norm(x, w, eps, backend=backend)
+    assert_grads_match([out], [rms_norm_reference(x, w, eps)], (x, w), TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rms_norm_weight_grad_only(seed, backend):
+    """The layer's input_layernorm(embed(tokens)): the input is frozen, only the weight learns."""
+    x = torch.randn(B, 19, 33)
+    w = torch.randn(33).requires_grad_()
+    out = rms_norm(x, w, 1e-5, backend=backend)
+    assert_grads_match([out], [rms_norm_reference(x, w, 1e-5)], (w,), TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T,H,dtype,w_dtype", NORM_CASES)
+def test_add_rms_norm_matches_reference(seed, backend, T, H, dtype, w_dtype):
+    residual = torch.randn(B, T, H, dtype=dtype).requires_grad_()
+    x = strided((B, T, H), dtype).requires_grad_()
+    w = torch.randn(H, dtype=w_dtype).requires_grad_()
+    outs = add_rms_norm(residual, x, w, 1e-6, backend=backend)
+    ref = add_rms_norm_reference(residual, x, w, 1e-6)
+    assert_grads_match(outs, ref, (residual, x, w), TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("use", ["h", "y"])
+def test_add_rms_norm_one_output_used(seed, backend, use):
+    """Either output alone carries the gradient (the other's arrives as None)."""
+    residual = torch.randn(B, 7, 130).requires_grad_()
+    x = torch.randn(B, 7, 130).requires_grad_()
+    w = torch.randn(130).requires_grad_()
+    pick = 0 if use == "h" else 1
+    out = add_rms_norm(residual, x, w, 1e-6, backend=backend)[pick]
+    ref = add_rms_norm_reference(residual, x, w, 1e-6)[pick]
+    inputs = (residual, x) if use == "h" else (residual, x, w)
+    assert_grads_match([out], [ref], inputs, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_add_rms_norm_mixed_dtypes(seed, backend):
+    """fp32 residual + fp16 x: h is fp32, and each input gets its gradient in its own dtype."""
+    residual = torch.randn(B, 7, 33).requires_grad_()
+    x = torch.randn(B, 7, 33, dtype=torch.float16).requires_grad_()
+    w = torch.randn(33, dtype=torch.float16).requires_grad_()
+    outs = add_rms_norm(residual, x, w, 1e-6, backend=backend)
+    ref = add_rms_norm_reference(residual, x, w, 1e-6)
+    assert outs[0].dtype == torch.float32
+    assert_grads_match(outs, ref, (residual, x, w), TOL[torch.float16])
