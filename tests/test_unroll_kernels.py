@@ -1,4 +1,4 @@
-"""The per-step elementwise chain of the fused unroll (rms_norm, add_rms_norm): Triton
+"""The per-step elementwise chain of the fused unroll (rms_norm, add_rms_norm, rope): Triton
 under TRITON_INTERPRET=1 and the torch path held to the plain-PyTorch references, forward and the
 gradients of every differentiable input, on fresh random inputs of odd sizes."""
 import pytest
@@ -8,6 +8,8 @@ from specfast.kernels import (
     add_rms_norm_reference,
     rms_norm,
     rms_norm_reference,
+    rope,
+    rope_reference,
 )
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=1e-2)}
@@ -102,3 +104,46 @@ def test_add_rms_norm_mixed_dtypes(seed, backend):
     ref = add_rms_norm_reference(residual, x, w, 1e-6)
     assert outs[0].dtype == torch.float32
     assert_grads_match(outs, ref, (residual, x, w), TOL[torch.float16])
+
+
+# --------------------------------------------------------------------------------------------------
+# rope
+# --------------------------------------------------------------------------------------------------
+def rope_inputs(T, heads, D, dtype):
+    """x in a projection's layout ([B, T, heads, D] transposed), positions spread over a long
+    context (large angles), the default inv_freq, a random step offset and scaling."""
+    x = torch.randn(B, T, heads, D, dtype=dtype).transpose(1, 2).requires_grad_()
+    positions = torch.randint(0, 4096, (B, T))
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+    offset = int(torch.randint(0, 8, ()))
+    scaling = float(torch.empty(()).uniform_(0.8, 1.4))
+    return x, positions, inv_freq, scaling, offset
+
+
+# (T, heads, D, dtype): D/2 odd (17) and a power of two, head counts off the interpreter tile of 2.
+ROPE_CASES = [
+    (1, 5, 34, torch.float32),
+    (7, 3, 64, torch.float16),
+    (19, 4, 34, torch.float16),
+    (7, 5, 64, torch.float32),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T,heads,D,dtype", ROPE_CASES)
+def test_rope_matches_reference(seed, backend, T, heads, D, dtype):
+    x, positions, inv_freq, scaling, offset = rope_inputs(T, heads, D, dtype)
+    out = rope(x, positions, inv_freq, scaling, offset, backend=backend)
+    ref = rope_reference(x, positions, inv_freq, scaling, offset)
+    assert_grads_match([out], [ref], (x,), TOL[dtype])
+    if backend == "triton":
+        assert out.stride() == x.stride()  # the projection's layout is kept
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rope_offset_is_a_position_shift(seed, backend):
+    """offset=k is positions + k (the TTT step's shift), and a nonzero shift changes the answer."""
+    x, positions, inv_freq, _, _ = rope_inputs(7, 3, 64, torch.float32)
+    shifted = rope(x, positions, inv_freq, offset=3, backend=backend)
+    torch.testing.assert_close(shifted, rope(x, positions + 3, inv_freq, backend=backend))
+    assert (shifted - rope(x, positions, inv_freq, backend=backend)).abs().max() > 1e-2
