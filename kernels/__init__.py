@@ -6,6 +6,7 @@ an efficient PyTorch path on CPU), and tests holding the fast path to the refere
 from .pruned_vocab_loss import pruned_vocab_loss, pruned_vocab_loss_reference
 from .rms_norm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
 from .rope import rope, rope_reference
+from .swiglu import swiglu, swiglu_reference
 from .ttt_attention import ttt_attention, ttt_attention_reference
 from .vocab_argmax import full_vocab_argmax
 
@@ -19,6 +20,8 @@ __all__ = [
     "rms_norm_reference",
     "rope",
     "rope_reference",
+    "swiglu",
+    "swiglu_reference",
     "ttt_attention",
     "ttt_attention_reference",
 ]

@@ -1,6 +1,8 @@
-"""The per-step elementwise chain of the fused unroll (rms_norm, add_rms_norm, rope): Triton
+"""The per-step elementwise chain of the fused unroll (rms_norm, add_rms_norm, rope, swiglu): Triton
 under TRITON_INTERPRET=1 and the torch path held to the plain-PyTorch references, forward and the
 gradients of every differentiable input, on fresh random inputs of odd sizes."""
+import logging
+
 import pytest
 import torch
 from specfast.kernels import (
@@ -10,6 +12,8 @@ from specfast.kernels import (
     rms_norm_reference,
     rope,
     rope_reference,
+    swiglu,
+    swiglu_reference,
 )
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=1e-2)}
@@ -147,3 +151,54 @@ def test_rope_offset_is_a_position_shift(seed, backend):
     shifted = rope(x, positions, inv_freq, offset=3, backend=backend)
     torch.testing.assert_close(shifted, rope(x, positions + 3, inv_freq, backend=backend))
     assert (shifted - rope(x, positions, inv_freq, backend=backend)).abs().max() > 1e-2
+
+
+# --------------------------------------------------------------------------------------------------
+# swiglu
+# --------------------------------------------------------------------------------------------------
+# (T, width, dtype): widths off and across the interpreter's 64-column block.
+SWIGLU_CASES = [
+    (1, 130, torch.float32),
+    (7, 33, torch.float16),
+    (19, 33, torch.float32),
+    (7, 130, torch.float16),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T,width,dtype", SWIGLU_CASES)
+def test_swiglu_matches_reference(seed, backend, T, width, dtype):
+    # gate and up as the two halves of one fused projection (strided views); a wide spread of
+    # gate values reaches both saturated tails of the sigmoid.
+    gate_up = (torch.randn(B, T, 2 * width, dtype=torch.float32) * 4).to(dtype).requires_grad_()
+    gate, up = gate_up[..., :width], gate_up[..., width:]
+    out = swiglu(gate, up, backend=backend)
+    assert_grads_match([out], [swiglu_reference(gate, up)], (gate_up,), TOL[dtype])
+
+
+# --------------------------------------------------------------------------------------------------
+# dispatch
+# --------------------------------------------------------------------------------------------------
+def test_auto_dispatch_on_cpu_says_torch_path_once(caplog):
+    from specfast.kernels import _dispatch
+
+    names = ("rms_norm", "add_rms_norm", "rope", "swiglu")
+    _dispatch._said.difference_update({k for k in _dispatch._said if k.split(".")[0] in names})
+    x, w = torch.randn(2, 3, 8), torch.randn(8)
+    q, positions, inv_freq, _, _ = rope_inputs(3, 2, 8, torch.float32)
+    calls = {
+        "rms_norm": lambda **kw: rms_norm(x, w, 1e-6, **kw),
+        "add_rms_norm": lambda **kw: add_rms_norm(x, x, w, 1e-6, **kw)[1],
+        "rope": lambda **kw: rope(q, positions, inv_freq, **kw),
+        "swiglu": lambda **kw: swiglu(x, x, **kw),
+    }
+    with caplog.at_level(logging.INFO, logger="specfast.kernels"):
+        for fn in calls.values():
+            out = fn()
+            fn()
+            torch.testing.assert_close(out, fn(backend="torch"))
+    for name in names:
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith(name + ":")]
+        assert said == [f"{name}: torch path on cpu"], said  # once, not per call
+    with pytest.raises(ValueError, match="unknown backend"):
+        calls["swiglu"](backend="cuda")
