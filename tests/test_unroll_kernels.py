@@ -202,3 +202,79 @@ def test_auto_dispatch_on_cpu_says_torch_path_once(caplog):
         assert said == [f"{name}: torch path on cpu"], said  # once, not per call
     with pytest.raises(ValueError, match="unknown backend"):
         calls["swiglu"](backend="cuda")
+
+
+# Compiles the kernels for an H100/H200 (sm_90) with the ptxas in the Triton wheel, no GPU needed,
+# as the JIT would specialise them (unit column strides, 16-byte-aligned pointers), at the largest
+# common sizes with the launch settings the code picks: bf16 activations, an fp32 norm weight and
+# output as under autocast, H = 4096, 32 heads of 128. Reads each kernel's spills and whether rope's
+# sin/cos became the approximate instructions (wrong at large angles). In a subprocess: the kernels
+# in this process were defined for the interpreter.
+_COMPILE_FOR_SM90 = r'''
+import importlib, json, os, subprocess, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+rn = importlib.import_module("specfast.kernels.rms_norm")
+rp = importlib.import_module("specfast.kernels.rope")
+sw = importlib.import_module("specfast.kernels.swiglu")
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+block, warps = rn._launch_cfg(4096)
+(_, _), sw_block = sw._grid(1, 14336)
+cases = [
+    (rn._rms_fwd_kernel, dict(X="bf16", R="bf16", W="fp32", Hout="bf16", Y="fp32"),
+     dict(HAS_RES=True, BLOCK=block), warps),
+    (rn._rms_bwd_kernel, dict(X="bf16", W="fp32", DY="fp32", DH="bf16", DX="bf16", DWP="fp32"),
+     dict(HAS_DH=True, NEED_DX=True, NEED_DW=True, BLOCK=block), warps),
+    (rp._rope_kernel, dict(X="bf16", Y="bf16", P="i64", F="fp32"),
+     dict(BACKWARD=False, BLOCK_H=rp._block_h(32, 64, False), BLOCK_HALF=64), 4),
+    (sw._swiglu_fwd_kernel, dict(G="bf16", U="bf16", Y="bf16"), dict(BLOCK=sw_block), 4),
+    (sw._swiglu_bwd_kernel, dict(G="bf16", U="bf16", DY="bf16", DG="bf16", DU="bf16"),
+     dict(NEED_DG=True, NEED_DU=True, BLOCK=sw_block), 4),
+]
+unit = {"sx1", "sr1", "sdy1", "sdh1", "sx_d", "sy_d", "sg1", "su1"}
+result = []
+for fn, ptrs, consts, warps in cases:
+    sig, attrs = {}, {}
+    for i, n in enumerate(fn.arg_names):
+        if n in consts or n in unit:
+            consts.setdefault(n, 1)
+            sig[n] = "constexpr"
+        elif n in ptrs:
+            sig[n] = "*" + ptrs[n]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[n] = "fp32" if n in ("eps", "scaling") else "i32"
+    src = ASTSource(fn=fn, signature=sig, attrs=attrs,
+                    constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"]); f.flush()
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
+                               text=True).stdout
+    ptx = k.asm["ptx"]
+    result.append(dict(kernel=fn.__name__, stack=int(usage.split("STACK:")[1].split()[0]),
+                       approx_trig="sin.approx" in ptx or "cos.approx" in ptx))
+print(json.dumps(result))
+'''
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_sm90_without_spills():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    triton = pytest.importorskip("triton")
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not os.path.exists(os.path.join(bin_dir, "ptxas")):
+        pytest.skip("this Triton wheel ships no ptxas")
+    res = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], capture_output=True, text=True,
+                         env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    results = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(results) == 5
+    for r in results:
+        assert r["stack"] == 0, r
+        assert not r["approx_trig"], r
