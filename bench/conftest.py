@@ -35,8 +35,8 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         "other work and its noise only ever slows a run down, so the min over rounds is the "
         "estimate; the median shows the spread. Treat the times as rough. pruned_vocab_loss "
         "trades time for memory: it recomputes the logits in backward (8·T·H·V FLOPs against "
-        "6·T·H·V, so at best 0.75× the reference's speed) instead of keeping [T, V] tensors; "
-        "its memory is in pruned_vocab_loss-<machine>.md.",
+        "6·T·H·V, about 0.75× the reference's speed where the matmuls dominate) instead of "
+        "keeping [T, V] tensors; its memory is in pruned_vocab_loss-<machine>.md.",
         "",
         "Min over rounds:",
         "",
