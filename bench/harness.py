@@ -7,7 +7,7 @@ pin the child to ``threads`` cores (``os.sched_setaffinity``, set before the chi
 give it ``threads`` compute threads (``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` in its
 environment, ``torch.set_num_threads``); ``threads=None`` leaves a command unpinned.
 :func:`isolate` does the same to the current process. The cores are the last ones this process
-may use: core 0 takes most of the machine's interrupts.
+may use, as core 0 often also serves the machine's interrupts.
 
 Peak memory, one definition: the extra resident memory a call needs, i.e. the process's peak RSS
 during the call minus its RSS just before it. The kernel's high-water mark is reset first (``5``
