@@ -129,20 +129,16 @@ def run_vllm(args, target_path: Path, prompt_ids: list[list[int]]) -> dict:
 
 def run_specfast(args, prompts) -> tuple[dict, set[int]]:
     """specfast eval's results (with outputs) and the EOS ids it stops at."""
-    from specfast.eval import evaluate, load_draft, read_draft
-    from specfast.eval.evaluate import eos_ids_of
-    from specfast.targets import load_target
+    from specfast.eval import evaluate, load_for_eval
 
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    _, cfg = read_draft(args.draft)
-    target = load_target(args.target, aux_layer_ids=cfg.aux_layer_ids)
-    draft = load_draft(args.draft, target)
+    target, draft = load_for_eval(args.draft, args.target)
     results = evaluate(target, draft, prompts, args.num_spec_tokens, 0.0, args.max_new_tokens,
                        baseline=False, keep_outputs=True, progress=True)
-    return results, eos_ids_of(target)
+    return results, target.eos_token_ids()
 
 
 def strip_eos(tokens: list[int], eos: set[int]) -> list[int]:
@@ -179,7 +175,7 @@ def main(argv=None) -> int:
 
     from transformers import AutoTokenizer
 
-    from specfast.eval.evaluate import encode_chat
+    from specfast.data.chat import encode_prompt
     from specfast.eval.prompts import Prompt, read_prompts
     from specfast.targets import resolve_target_path
 
@@ -194,7 +190,7 @@ def main(argv=None) -> int:
     for p in prompts:
         messages = ([{"role": "system", "content": p.system}] if p.system else []) + [
             {"role": "user", "content": p.turns[0]}]
-        prompt_ids.append(encode_chat(tok, messages, p.where))
+        prompt_ids.append(encode_prompt(tok, messages, p.where))
 
     print(f"vLLM: {len(prompts)} prompts, K={args.num_spec_tokens}, greedy, "
           f"max {args.max_new_tokens} tokens", flush=True)
