@@ -23,7 +23,7 @@ import functools
 
 import torch
 
-from ._dispatch import interpreting, log_once, triton_available
+from ._dispatch import choose_backend, triton_available
 
 if triton_available():
     import triton
@@ -43,20 +43,6 @@ def add_rms_norm_reference(residual, x, weight, eps):
     """The definition: h = residual + x; (h, RMSNorm(h))."""
     h = residual + x
     return h, rms_norm_reference(h, weight, eps)
-
-
-def _choose_backend(op, t, backend):
-    if backend == "auto":
-        backend = "triton" if t.is_cuda and triton is not None else "torch"
-        log_once(f"{op}.{t.device.type}.{backend}", f"{op}: {backend} path on {t.device.type}")
-    if backend == "triton":
-        if triton is None:
-            raise RuntimeError(f"{op}: backend='triton' needs the triton package")
-        if not t.is_cuda and not interpreting():
-            raise RuntimeError(f"{op}: Triton on CPU tensors needs TRITON_INTERPRET=1")
-    elif backend not in ("torch", "reference"):
-        raise ValueError(f"{op}: unknown backend {backend!r}")
-    return backend
 
 
 def _check(x, weight):
@@ -327,7 +313,7 @@ def rms_norm(x, weight, eps, *, backend="auto"):
     below any GPU's ridge point: memory-bound, so time ≈ bytes / bandwidth.
     """
     _check(x, weight)
-    backend = _choose_backend("rms_norm", x, backend)
+    backend = choose_backend("rms_norm", x, backend)
     if backend == "reference":
         return rms_norm_reference(x, weight, eps)
     if backend == "torch":
@@ -349,7 +335,7 @@ def add_rms_norm(residual, x, weight, eps, *, backend="auto"):
     """
     assert residual.shape == x.shape, f"residual {tuple(residual.shape)} != x {tuple(x.shape)}"
     _check(x, weight)
-    backend = _choose_backend("add_rms_norm", x, backend)
+    backend = choose_backend("add_rms_norm", x, backend)
     if backend == "reference":
         return add_rms_norm_reference(residual, x, weight, eps)
     if backend == "torch":

@@ -24,7 +24,7 @@ Three implementations of the same math:
 """
 import torch
 
-from ._dispatch import interpreting, log_once, triton_available
+from ._dispatch import choose_backend, interpreting, triton_available
 
 if triton_available():
     import triton
@@ -42,20 +42,6 @@ def rope_reference(x, positions, inv_freq, scaling=1.0, offset=0):
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos[:, None] + rotated * sin[:, None]
-
-
-def _choose_backend(op, t, backend):
-    if backend == "auto":
-        backend = "triton" if t.is_cuda and triton is not None else "torch"
-        log_once(f"{op}.{t.device.type}.{backend}", f"{op}: {backend} path on {t.device.type}")
-    if backend == "triton":
-        if triton is None:
-            raise RuntimeError(f"{op}: backend='triton' needs the triton package")
-        if not t.is_cuda and not interpreting():
-            raise RuntimeError(f"{op}: Triton on CPU tensors needs TRITON_INTERPRET=1")
-    elif backend not in ("torch", "reference"):
-        raise ValueError(f"{op}: unknown backend {backend!r}")
-    return backend
 
 
 def _check(x, positions, inv_freq):
@@ -188,7 +174,7 @@ def rope(x, positions, inv_freq, scaling=1.0, offset=0, *, backend="auto"):
     Memory-bound, far below any GPU's ridge point.
     """
     _check(x, positions, inv_freq)
-    backend = _choose_backend("rope", x, backend)
+    backend = choose_backend("rope", x, backend)
     offset, scaling = int(offset), float(scaling)
     if backend == "reference":
         return rope_reference(x, positions, inv_freq, scaling, offset)

@@ -14,7 +14,7 @@ Three implementations of the same math:
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import interpreting, log_once, triton_available
+from ._dispatch import choose_backend, interpreting, triton_available
 
 if triton_available():
     import triton
@@ -26,20 +26,6 @@ else:  # CPU-only installs without the `triton` extra still get the torch path
 def swiglu_reference(gate, up):
     """The definition (draft.py's MLP, between its projections)."""
     return F.silu(gate) * up
-
-
-def _choose_backend(op, t, backend):
-    if backend == "auto":
-        backend = "triton" if t.is_cuda and triton is not None else "torch"
-        log_once(f"{op}.{t.device.type}.{backend}", f"{op}: {backend} path on {t.device.type}")
-    if backend == "triton":
-        if triton is None:
-            raise RuntimeError(f"{op}: backend='triton' needs the triton package")
-        if not t.is_cuda and not interpreting():
-            raise RuntimeError(f"{op}: Triton on CPU tensors needs TRITON_INTERPRET=1")
-    elif backend not in ("torch", "reference"):
-        raise ValueError(f"{op}: unknown backend {backend!r}")
-    return backend
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,7 +137,7 @@ def swiglu(gate, up, *, backend="auto"):
     Memory-bound (~1 FLOP/B), far below any GPU's ridge point.
     """
     assert gate.shape == up.shape, f"gate {tuple(gate.shape)} != up {tuple(up.shape)}"
-    backend = _choose_backend("swiglu", gate, backend)
+    backend = choose_backend("swiglu", gate, backend)
     if backend == "reference":
         return swiglu_reference(gate, up)
     if backend == "torch":
