@@ -5,13 +5,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from specfast.export import ExportError, export_draft, load_export
+from specfast.export import export_draft
+from specfast.model.load import DraftFormatError, read_export
 from specfast.train.config import TrainConfig
 from specfast.train.metrics import read_metrics
 from specfast.train.trainer import train
@@ -105,7 +105,7 @@ def test_export_layout_loads_back(trained_run, tmp_path):
     assert "embed_tokens.weight" not in names
     assert {"fc.weight", "lm_head.weight", "norm.weight", "midlayer.hidden_norm.weight",
             "midlayer.self_attn.q_proj.weight", "midlayer.mlp.down_proj.weight"} <= names
-    tensors, dcfg = load_export(exp)
+    tensors, dcfg = read_export(exp)
     assert tensors["midlayer.self_attn.q_proj.weight"].shape[1] == 2 * dcfg.hidden_size
 
 
@@ -126,7 +126,7 @@ def test_export_refuses_inconsistent_checkpoints(trained_run, tmp_path):
         else:
             del t["norm.weight"]
         save_file(t, str(bad / "draft.safetensors"), metadata=meta)
-        with pytest.raises(ExportError, match=message):
+        with pytest.raises(DraftFormatError, match=message):
             export_draft(bad, tmp_path / f"exp_{breakage}")
         assert not (tmp_path / f"exp_{breakage}").exists()
 

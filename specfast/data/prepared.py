@@ -4,39 +4,44 @@
     DIR/vocab.safetensors  draft_ids int64 [V_draft], d2t int64 [V_draft], t2d bool [V_target],
                            counts int64 [V_target] (supervised label counts)
     DIR/heldout.jsonl      conversations kept out of training, for `specfast eval`
-    DIR/meta.json          what produced it, counts, coverage; written last, so its presence means complete
+    DIR/meta.json          what produced it, counts, coverage; written last, so its presence means
+                           complete
+
+It is one of the two sample sources of the batching pipeline (specfast.pipeline): `lengths()` for the
+batch plan, `read()` for a batch's tokens.
 """
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from specfast.fileio import atomic_save_safetensors, atomic_write_json
 
 from .vocab import DraftVocab
 
 FORMAT = "specfast-prepared-v1"
+VOCAB_FILE = "vocab.safetensors"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def read_vocab(folder: Path, coverage: float = float("nan")) -> DraftVocab:
+    """The draft vocabulary stored beside prepared data (and copied into shard folders)."""
+    path = Path(folder) / VOCAB_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no draft vocabulary (run `specfast prepare`)")
+    voc = load_file(str(path))
+    return DraftVocab(voc["draft_ids"], int(voc["t2d"].numel()), coverage)
 
 
-def atomic_save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_vocab(folder: Path, vocab: DraftVocab, counts: np.ndarray) -> None:
+    atomic_save_safetensors({
+        "draft_ids": vocab.draft_ids, "d2t": vocab.d2t, "t2d": vocab.t2d,
+        "counts": torch.from_numpy(counts.astype(np.int64)),
+    }, Path(folder) / VOCAB_FILE)
 
 
 @dataclass
@@ -58,28 +63,38 @@ class PreparedData:
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
         return self.input_ids[a:b], self.loss_mask[a:b]
 
+    def read(self, indices, budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Samples `indices`, each cut to `budget` tokens, back to back: input_ids int64 [T],
+        loss_mask bool [T], offsets int64 [B + 1] (sample boundaries in the row)."""
+        parts = [self.sample(int(i)) for i in indices]
+        ids = [p[0][:budget].long() for p in parts]
+        mask = [p[1][:budget].bool() for p in parts]
+        offsets = torch.zeros(len(parts) + 1, dtype=torch.int64)
+        torch.cumsum(torch.tensor([x.numel() for x in ids]), 0, out=offsets[1:])
+        return torch.cat(ids), torch.cat(mask), offsets
+
     @staticmethod
     def load(root: str | Path) -> "PreparedData":
         root = Path(root)
         meta_path = root / "meta.json"
         if not meta_path.is_file():
-            raise FileNotFoundError(f"{root}: not a prepared dataset (no meta.json; run `specfast prepare` first, "
-                                    "or it did not finish)")
+            raise FileNotFoundError(f"{root}: not a prepared dataset (no meta.json; run "
+                                    "`specfast prepare` first, or it did not finish)")
         meta = json.loads(meta_path.read_text())
         if meta.get("format") != FORMAT:
             raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
         data = load_file(str(root / "data.safetensors"))
-        voc = load_file(str(root / "vocab.safetensors"))
         offsets = data["offsets"]
         n = data["input_ids"].numel()
-        if offsets.numel() < 1 or int(offsets[0]) != 0 or int(offsets[-1]) != n or bool((offsets[1:] < offsets[:-1]).any()):
+        if offsets.numel() < 1 or int(offsets[0]) != 0 or int(offsets[-1]) != n \
+                or bool((offsets[1:] < offsets[:-1]).any()):
             raise ValueError(f"{root / 'data.safetensors'}: offsets do not describe {n} tokens")
-        vocab = DraftVocab(voc["draft_ids"], int(voc["t2d"].numel()), float(meta["vocab"]["coverage"]))
+        vocab = read_vocab(root, float(meta["vocab"]["coverage"]))
         return PreparedData(root, data["input_ids"], data["loss_mask"].bool(), offsets, vocab, meta)
 
     @staticmethod
-    def save(root: Path, input_ids: np.ndarray, loss_mask: np.ndarray, lengths: list[int], vocab: DraftVocab,
-             counts: np.ndarray, meta: dict) -> None:
+    def save(root: Path, input_ids: np.ndarray, loss_mask: np.ndarray, lengths: list[int],
+             vocab: DraftVocab, counts: np.ndarray, meta: dict) -> None:
         root.mkdir(parents=True, exist_ok=True)
         (root / "meta.json").unlink(missing_ok=True)  # incomplete until the new meta lands
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
@@ -89,9 +104,6 @@ class PreparedData:
             "loss_mask": torch.from_numpy(loss_mask.astype(np.uint8)),
             "offsets": torch.from_numpy(offsets),
         }, root / "data.safetensors")
-        atomic_save_safetensors({
-            "draft_ids": vocab.draft_ids, "d2t": vocab.d2t, "t2d": vocab.t2d,
-            "counts": torch.from_numpy(counts.astype(np.int64)),
-        }, root / "vocab.safetensors")
-        meta = {"format": FORMAT, **meta}
-        atomic_write_bytes(root / "meta.json", json.dumps(meta, indent=2).encode())
+        write_vocab(root, vocab, counts)
+        atomic_write_json(root / "meta.json", {"format": FORMAT, **meta})
+

@@ -5,6 +5,8 @@ import json
 import os
 from pathlib import Path
 
+from specfast.fileio import atomic_path, atomic_write
+
 
 class MetricsLog:
     def __init__(self, out: Path, resume_step: int | None, tensorboard: bool):
@@ -13,9 +15,11 @@ class MetricsLog:
         if resume_step is None:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():
-            # A killed run may have logged steps after its last checkpoint: drop them, they will be redone.
-            kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+            # A killed run may have logged steps after its last checkpoint: drop them, they will
+            # be redone.
+            kept = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            atomic_write(self.path, "".join(ln + "\n" for ln in kept))
         self.file = open(self.path, "a")
         self.tb = None
         if tensorboard:
@@ -84,7 +88,6 @@ def plot_metrics(metrics_path: Path, png_path: Path, smooth: int = 20) -> None:
     ax2.set(title="accuracy per TTT step", xlabel="step", ylabel="accuracy", ylim=(0, 1))
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    tmp = png_path.with_name(png_path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, png_path)

@@ -13,11 +13,11 @@ import yaml
 from tqdm import tqdm
 
 from specfast.data.prepared import PreparedData
-from specfast.model import DraftConfig, Eagle3Draft
-from specfast.targets import load_target
+from specfast.device import resolve_device
+from specfast.model.load import new_draft
+from specfast.pipeline import is_shard_folder, open_offline, open_online
 from specfast.ttt import metrics_from_counts, ttt_counts, ttt_unroll
 
-from .batches import OfflineBatches, OnlineBatches
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .metrics import MetricsLog, plot_metrics
@@ -26,68 +26,32 @@ from .schedule import lr_factor
 log = logging.getLogger("specfast")
 
 # Changing these between a run and its resumption would silently change what is trained.
-RESUME_MUST_MATCH = ("data", "target", "ttt_steps", "batch_tokens", "grad_accum", "seed", "lr", "min_lr_ratio",
-                     "warmup_steps", "max_steps", "weight_decay", "beta1", "beta2", "grad_clip", "aux_layer_ids",
-                     "init_from_target")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return dev
-
-
-def build_draft(target, vocab, init_from_target: bool, device: torch.device) -> Eagle3Draft:
-    cfg = DraftConfig.from_target(target.hf_config, vocab.size, target.aux_layer_ids)
-    draft = Eagle3Draft(cfg).to(device)
-    draft.set_vocab(vocab.draft_ids)
-    draft.attach_target(target.embed_weight(),
-                        target.lm_head_weight() if init_from_target else None,
-                        target.final_norm_weight() if init_from_target else None)
-    return draft
-
-
-def check_data_matches_target(data: PreparedData, target) -> None:
-    want = data.meta.get("tokenizer_hash")
-    if want and want != target.tokenizer_hash():
-        raise ValueError(f"{data.root}: prepared with a different tokenizer (hash {want}) than target "
-                         f"{target.name} ({target.tokenizer_hash()}); run `specfast prepare` for this target")
-    if data.vocab.target_vocab_size != target.vocab_size:
-        raise ValueError(f"{data.root}: vocabulary of {data.vocab.target_vocab_size} tokens, target {target.name} "
-                         f"has {target.vocab_size}")
+RESUME_MUST_MATCH = ("data", "target", "ttt_steps", "batch_tokens", "grad_accum", "seed", "lr",
+                     "min_lr_ratio", "warmup_steps", "max_steps", "weight_decay", "beta1", "beta2",
+                     "grad_clip", "aux_layer_ids", "init_from_target")
 
 
 def open_batches(cfg: TrainConfig, device: torch.device):
     """Online (a prepared dataset: the target runs in the loop) or offline (a shard folder from
-    `specfast capture`: only the target's embeddings and lm_head are loaded)."""
-    if (Path(cfg.data) / "manifest.json").is_file():
-        from specfast.data.vocab import DraftVocab
+    `specfast capture`: only the target's tokenizer, embeddings and lm_head are loaded)."""
+    from specfast.targets import load_target
+
+    if is_shard_folder(cfg.data):
         from specfast.shards import ShardDataset
         from specfast.targets import resolve_target_path
         from specfast.targets.heads import HeadsOnlyTarget
 
         dataset = ShardDataset(cfg.data)
-        cap = dataset.capture
+        captured = dataset.capture["aux_layer_ids"]
         ids = cfg.parsed_aux_layer_ids()
-        if ids is not None and ids != cap["aux_layer_ids"]:
-            raise ValueError(f"{cfg.data}: captured aux layers {cap['aux_layer_ids']}, config asks for {ids}")
+        if ids is not None and ids != captured:
+            raise ValueError(f"{cfg.data}: captured aux layers {captured}, config asks for {ids}")
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-        target = HeadsOnlyTarget(resolve_target_path(cfg.target), cap["aux_layer_ids"], device, dtype, cfg.target)
-        if cap["tokenizer_hash"] != target.tokenizer_hash() or cap["hidden_size"] != target.hidden_size:
-            raise ValueError(f"{cfg.data}: captured from {cap['target']} (tokenizer {cap['tokenizer_hash']}, hidden "
-                             f"{cap['hidden_size']}), which does not match target {cfg.target}")
-        from safetensors.torch import load_file
-
-        voc = load_file(str(Path(cfg.data) / "vocab.safetensors"))
-        vocab = DraftVocab(voc["draft_ids"], int(voc["t2d"].numel()), float("nan"))
-        return OfflineBatches(dataset, target, vocab, cfg.batch_tokens, cfg.seed, device)
-    data = PreparedData.load(cfg.data)
+        target = HeadsOnlyTarget(resolve_target_path(cfg.target), captured, device, dtype, cfg.target)
+        return open_offline(dataset, target, cfg.batch_tokens, cfg.seed, device)
+    data = PreparedData.load(cfg.data)  # before the target: bad data fails fast
     target = load_target(cfg.target, device=str(device), aux_layer_ids=cfg.parsed_aux_layer_ids())
-    check_data_matches_target(data, target)
-    return OnlineBatches(data, target, cfg.batch_tokens, cfg.seed, device)
+    return open_online(data, target, cfg.batch_tokens, cfg.seed, device)
 
 
 def train(cfg: TrainConfig, resume: bool | str = False) -> dict:
@@ -99,7 +63,7 @@ def train(cfg: TrainConfig, resume: bool | str = False) -> dict:
 
     batches = open_batches(cfg, device)
     target = batches.target
-    draft = build_draft(target, batches.vocab, cfg.init_from_target, device)
+    draft = new_draft(target, batches.vocab, cfg.init_from_target, device)
     params = [p for p in draft.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")

@@ -1,0 +1,187 @@
+"""The batching pipeline: one plan, two sample sources, one assembler.
+
+    BatchPlan (specfast.data.plan)  which samples form each batch, epoch after epoch
+        │ sample indices
+        ▼
+    source.stream(batches)          TargetRows: prepared data, the target runs on each packed row
+        │ raw batch dicts           ShardRows:  hidden-state shards, read ahead by the C++ reader
+        ▼
+    assemble_batch()                a PackedBatch on the training device
+        │
+        ▼
+    Batches.next()                  what the trainer and capture call; state_dict = the plan's
+
+Both sources yield the same dict per batch (CPU or device tensors): `sample_ids` [B], `offsets`
+[B+1] (sample boundaries in the row), `input_ids` [T], `loss_mask` [T], `aux_hidden` [T, 3H],
+`final_hidden` [T, H] (after the target's final norm) and, where known, `target_argmax` [T].
+Online and offline runs over the same samples therefore see the same batches.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from specfast.data.plan import BatchPlan
+from specfast.data.prepared import PreparedData, read_vocab
+from specfast.data.vocab import DraftVocab
+from specfast.ttt import PackedBatch
+
+log = logging.getLogger("specfast")
+
+
+def doc_layout(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Document id and position within the document of every token of a packed row."""
+    doc_ids = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    starts = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+    return doc_ids, torch.arange(int(lengths.sum())) - starts
+
+
+def check_matches_target(where, target, *, source: str, tokenizer_hash: str | None = None,
+                         vocab_size: int | None = None, hidden_size: int | None = None) -> None:
+    """Data (prepared or captured) must come from this target: its tokenizer and shapes."""
+    problems = []
+    if tokenizer_hash and tokenizer_hash != target.tokenizer_hash():
+        problems.append(f"tokenizer {tokenizer_hash}, target's {target.tokenizer_hash()}")
+    if vocab_size is not None and vocab_size != target.vocab_size:
+        problems.append(f"vocabulary of {vocab_size} tokens, target's {target.vocab_size}")
+    if hidden_size is not None and hidden_size != target.hidden_size:
+        problems.append(f"hidden size {hidden_size}, target's {target.hidden_size}")
+    if problems:
+        raise ValueError(f"{where}: {source} ({'; '.join(problems)}), which does not match target "
+                         f"{target.name}; prepare or capture the data for this target")
+
+
+class TargetRows:
+    """Online source: samples of a prepared dataset, cut to the token budget, packed into one row
+    and run through the target."""
+
+    def __init__(self, data: PreparedData, target, budget: int):
+        check_matches_target(data.root, target, source="prepared data",
+                             tokenizer_hash=data.meta.get("tokenizer_hash"),
+                             vocab_size=data.vocab.target_vocab_size)
+        self.data, self.target, self.budget = data, target, budget
+
+    def lengths(self) -> np.ndarray:
+        return self.data.lengths()
+
+    def stream(self, batches: Iterator[np.ndarray]) -> Iterator[dict]:
+        for idx in batches:
+            ids, mask, offsets = self.data.read(idx, self.budget)
+            doc_ids, _ = doc_layout(offsets.diff())
+            out = self.target.forward_packed(ids, doc_ids)
+            yield {"sample_ids": torch.as_tensor(idx), "offsets": offsets, "input_ids": ids,
+                   "loss_mask": mask, "aux_hidden": out.aux_hidden, "final_hidden": out.final_hidden,
+                   "target_argmax": out.argmax}
+
+
+class ShardRows:
+    """Offline source: samples captured into hidden-state shards (already cut to the budget)."""
+
+    def __init__(self, dataset, budget: int, device: torch.device):
+        self.dataset, self.budget, self.device = dataset, budget, device
+
+    def lengths(self) -> np.ndarray:
+        return self.dataset.sample_lengths
+
+    def stream(self, batches: Iterator[np.ndarray]):
+        from specfast.shards import ShardReader
+
+        return ShardReader(self.dataset, batches, self.budget, pin_memory=self.device.type == "cuda")
+
+
+def assemble_batch(raw: dict, target, vocab: DraftVocab, device: torch.device) -> PackedBatch:
+    """The one place a PackedBatch is built: documents and positions from the sample boundaries,
+    teacher logits over the draft vocabulary from the final hidden state, and whether the target's
+    own pick lies in the draft vocabulary."""
+    doc_ids, positions = doc_layout(raw["offsets"].cpu().diff())
+    final = raw["final_hidden"].to(device, non_blocking=True)
+    draft_ids, t2d = vocab.draft_ids.to(device), vocab.t2d.to(device)
+    argmax = raw.get("target_argmax")
+    if argmax is None:  # shards captured without it: recompute from the stored final hidden state
+        from specfast.kernels import full_vocab_argmax
+
+        argmax = full_vocab_argmax(final.float(), target.lm_head_weight().float())
+    return PackedBatch(
+        input_ids=raw["input_ids"].to(device).long(), doc_ids=doc_ids.to(device),
+        positions=positions.to(device), loss_mask=raw["loss_mask"].to(device).bool(),
+        aux_hidden=raw["aux_hidden"].to(device, non_blocking=True),
+        teacher_logits=target.teacher_logits(final, draft_ids),
+        target_in_vocab=t2d[argmax.to(device).long()],
+    )
+
+
+class Batches:
+    """PackedBatches in the plan's order from a source; resumable through state_dict."""
+
+    def __init__(self, source, plan: BatchPlan, target, vocab: DraftVocab, device: torch.device):
+        self.source, self.plan, self.target, self.vocab = source, plan, target, vocab
+        self.device = device
+        self._stream = None
+
+    def next_raw(self) -> dict:
+        if self._stream is None:  # reads ahead from the current position on
+            self._stream = iter(self.source.stream(self.plan.upcoming()))
+        ids = self.plan.next()
+        raw = next(self._stream)
+        if not np.array_equal(raw["sample_ids"].cpu().numpy(), ids):
+            raise RuntimeError("batch stream out of step with its plan")  # a bug, not bad data
+        return raw
+
+    def next(self) -> PackedBatch:
+        return assemble_batch(self.next_raw(), self.target, self.vocab, self.device)
+
+    def state_dict(self) -> dict:
+        return self.plan.state_dict()
+
+    def load_state_dict(self, s: dict) -> None:
+        self.plan.load_state_dict(s)
+        self.close()
+
+    def close(self) -> None:
+        if self._stream is not None and hasattr(self._stream, "close"):
+            self._stream.close()
+        self._stream = None
+
+
+def supervised_within(data: PreparedData, budget: int) -> np.ndarray:
+    """Samples with at least one supervised token in their first `budget` tokens (the rest would only
+    cost a target forward: a long prompt cut to the budget can lose its whole answer)."""
+    supervised = np.concatenate([[0], np.cumsum(data.loss_mask.numpy(), dtype=np.int64)])
+    starts = data.offsets[:-1].numpy()
+    ends = np.minimum(data.offsets[1:].numpy(), starts + budget)
+    keep = np.nonzero(supervised[ends] - supervised[starts] > 0)[0]
+    if len(keep) < len(starts):
+        log.info("%d of %d samples have no assistant token within %d tokens; skipped",
+                 len(starts) - len(keep), len(starts), budget)
+    return keep
+
+
+def online_plan(data: PreparedData, budget: int, seed: int, shuffle: bool = True) -> BatchPlan:
+    """The plan over a prepared dataset: only samples that can be supervised within the budget."""
+    return BatchPlan(data.lengths(), budget, seed, eligible=supervised_within(data, budget),
+                     shuffle=shuffle)
+
+
+def open_online(data: PreparedData, target, budget: int, seed: int, device: torch.device) -> Batches:
+    return Batches(TargetRows(data, target, budget), online_plan(data, budget, seed), target,
+                   data.vocab, device)
+
+
+def open_offline(dataset, target, budget: int, seed: int, device: torch.device) -> Batches:
+    """`dataset`: a ShardDataset; `target` needs only the tokenizer, embeddings and lm_head."""
+    shard_dir = dataset.path
+    cap = dataset.capture
+    vocab = read_vocab(Path(shard_dir))
+    check_matches_target(shard_dir, target, source=f"captured from {cap['target']}",
+                         tokenizer_hash=cap["tokenizer_hash"], hidden_size=cap["hidden_size"],
+                         vocab_size=vocab.target_vocab_size)
+    plan = BatchPlan(dataset.sample_lengths, budget, seed)
+    return Batches(ShardRows(dataset, budget, device), plan, target, vocab, device)
+
+
+def is_shard_folder(path) -> bool:
+    return (Path(path) / "manifest.json").is_file()
