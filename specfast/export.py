@@ -13,13 +13,8 @@ from pathlib import Path
 import torch
 
 from specfast.fileio import atomic_dir
-from specfast.model.config import DraftFormatError
 from specfast.model.export_format import CONFIG_FILE, WEIGHTS_FILE, export_config
-from specfast.model.load import read_checkpoint, read_export
-
-# Earlier names, still imported by tests/test_train.py.
-ExportError = DraftFormatError
-load_export = read_export
+from specfast.model.load import read_checkpoint
 
 
 def export_draft(checkpoint: str | Path, out: str | Path, dtype: torch.dtype = torch.bfloat16,

@@ -31,7 +31,6 @@ def smollm2_dir():
 @pytest.fixture(scope="session")
 def tiny_target_dir(tmp_path_factory, smollm2_dir):
     """A tiny random Llama with SmolLM2's real tokenizer and chat template: fast, and a real HF folder."""
-    import shutil
 
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 

@@ -6,8 +6,12 @@ import logging
 
 import pytest
 import torch
-
-from specfast.kernels import _dispatch, full_vocab_argmax, pruned_vocab_loss, pruned_vocab_loss_reference
+from specfast.kernels import (
+    _dispatch,
+    full_vocab_argmax,
+    pruned_vocab_loss,
+    pruned_vocab_loss_reference,
+)
 
 # grads are returned in the input dtype: compare at that dtype's rounding (relative to the largest entry)
 GRAD_TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}

@@ -17,8 +17,7 @@ from safetensors import safe_open
 
 from specfast import _shardio
 from specfast.data.plan import BatchPlan
-from specfast.shards import (AUX_LAYER_CONVENTION, ShardDataset, ShardError, ShardReader,
-                             ShardWriter)
+from specfast.shards import AUX_LAYER_CONVENTION, ShardDataset, ShardError, ShardReader, ShardWriter
 
 H = 16
 

@@ -4,7 +4,6 @@ import logging
 
 import pytest
 import torch
-
 from specfast.kernels import ttt_attention, ttt_attention_reference
 
 TOL = {torch.float32: dict(atol=2e-4, rtol=2e-4), torch.float16: dict(atol=1e-2, rtol=1e-2)}

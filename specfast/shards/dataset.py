@@ -13,9 +13,21 @@ import numpy as np
 import torch
 
 from specfast import _shardio
-from specfast.shards.format import (ALIGN, MANIFEST, MAX_HEADER, SHARD_FORMAT, ST_ITEMSIZE,
-                                    VERSION, Field, ShardError, capture_diff, hex64,
-                                    load_manifest, make_fields, native_errors)
+from specfast.shards.format import (
+    ALIGN,
+    MANIFEST,
+    MAX_HEADER,
+    SHARD_FORMAT,
+    ST_ITEMSIZE,
+    VERSION,
+    Field,
+    ShardError,
+    capture_diff,
+    hex64,
+    load_manifest,
+    make_fields,
+    native_errors,
+)
 
 
 @dataclass

@@ -11,10 +11,24 @@ import numpy as np
 import torch
 
 from specfast import _shardio
-from specfast.shards.format import (DEFAULT_SHARD_BYTES, FLOAT_CODES, INDEX_DTYPES, MANIFEST,
-                                    SHARD_NAME, Field, ShardError, capture_diff, hex64,
-                                    load_manifest, make_fields, new_manifest, normalize_capture,
-                                    shard_file, shard_name, write_manifest)
+from specfast.shards.format import (
+    DEFAULT_SHARD_BYTES,
+    FLOAT_CODES,
+    INDEX_DTYPES,
+    MANIFEST,
+    SHARD_NAME,
+    Field,
+    ShardError,
+    capture_diff,
+    hex64,
+    load_manifest,
+    make_fields,
+    new_manifest,
+    normalize_capture,
+    shard_file,
+    shard_name,
+    write_manifest,
+)
 
 logger = logging.getLogger(__name__)
 
