@@ -59,18 +59,18 @@ class TargetRows:
     """Online source: samples of a prepared dataset, cut to the token budget, packed into one row
     and run through the target."""
 
-    def __init__(self, data: PreparedData, target, budget: int):
+    def __init__(self, data: PreparedData, target, batch_tokens: int):
         check_matches_target(data.root, target, source="prepared data",
                              tokenizer_hash=data.meta.get("tokenizer_hash"),
                              vocab_size=data.vocab.target_vocab_size)
-        self.data, self.target, self.budget = data, target, budget
+        self.data, self.target, self.batch_tokens = data, target, batch_tokens
 
     def lengths(self) -> np.ndarray:
         return self.data.lengths()
 
     def stream(self, batches: Iterator[np.ndarray]) -> Iterator[dict]:
         for idx in batches:
-            ids, mask, offsets = self.data.read(idx, self.budget)
+            ids, mask, offsets = self.data.read(idx, self.batch_tokens)
             doc_ids, _ = doc_layout(offsets.diff())
             out = self.target.forward_packed(ids, doc_ids)
             yield {"sample_ids": torch.as_tensor(idx), "offsets": offsets, "input_ids": ids,
@@ -79,10 +79,10 @@ class TargetRows:
 
 
 class ShardRows:
-    """Offline source: samples captured into hidden-state shards (already cut to the budget)."""
+    """Offline source: samples captured into hidden-state shards (already cut to the token budget)."""
 
-    def __init__(self, dataset, budget: int, device: torch.device):
-        self.dataset, self.budget, self.device = dataset, budget, device
+    def __init__(self, dataset, batch_tokens: int, device: torch.device):
+        self.dataset, self.batch_tokens, self.device = dataset, batch_tokens, device
 
     def lengths(self) -> np.ndarray:
         return self.dataset.sample_lengths
@@ -90,7 +90,7 @@ class ShardRows:
     def stream(self, batches: Iterator[np.ndarray]):
         from specfast.shards import ShardReader
 
-        return ShardReader(self.dataset, batches, self.budget, pin_memory=self.device.type == "cuda")
+        return ShardReader(self.dataset, batches, self.batch_tokens, pin_memory=self.device.type == "cuda")
 
 
 def assemble_batch(raw: dict, target, vocab: DraftVocab, device: torch.device) -> PackedBatch:
@@ -147,31 +147,31 @@ class Batches:
         self._stream = None
 
 
-def supervised_within(data: PreparedData, budget: int) -> np.ndarray:
-    """Samples with at least one supervised token in their first `budget` tokens (the rest would only
+def supervised_within(data: PreparedData, batch_tokens: int) -> np.ndarray:
+    """Samples with at least one supervised token in their first `batch_tokens` tokens (the rest would only
     cost a target forward: a long prompt cut to the budget can lose its whole answer)."""
     supervised = np.concatenate([[0], np.cumsum(data.loss_mask.numpy(), dtype=np.int64)])
     starts = data.offsets[:-1].numpy()
-    ends = np.minimum(data.offsets[1:].numpy(), starts + budget)
+    ends = np.minimum(data.offsets[1:].numpy(), starts + batch_tokens)
     keep = np.nonzero(supervised[ends] - supervised[starts] > 0)[0]
     if len(keep) < len(starts):
         log.info("%d of %d samples have no assistant token within %d tokens; skipped",
-                 len(starts) - len(keep), len(starts), budget)
+                 len(starts) - len(keep), len(starts), batch_tokens)
     return keep
 
 
-def online_plan(data: PreparedData, budget: int, seed: int, shuffle: bool = True) -> BatchPlan:
-    """The plan over a prepared dataset: only samples that can be supervised within the budget."""
-    return BatchPlan(data.lengths(), budget, seed, eligible=supervised_within(data, budget),
+def online_plan(data: PreparedData, batch_tokens: int, seed: int, shuffle: bool = True) -> BatchPlan:
+    """The plan over a prepared dataset: only samples that can be supervised within the token budget."""
+    return BatchPlan(data.lengths(), batch_tokens, seed, eligible=supervised_within(data, batch_tokens),
                      shuffle=shuffle)
 
 
-def open_online(data: PreparedData, target, budget: int, seed: int, device: torch.device) -> Batches:
-    return Batches(TargetRows(data, target, budget), online_plan(data, budget, seed), target,
+def open_online(data: PreparedData, target, batch_tokens: int, seed: int, device: torch.device) -> Batches:
+    return Batches(TargetRows(data, target, batch_tokens), online_plan(data, batch_tokens, seed), target,
                    data.vocab, device)
 
 
-def open_offline(dataset, target, budget: int, seed: int, device: torch.device) -> Batches:
+def open_offline(dataset, target, batch_tokens: int, seed: int, device: torch.device) -> Batches:
     """`dataset`: a ShardDataset; `target` needs only the tokenizer, embeddings and lm_head."""
     shard_dir = dataset.path
     cap = dataset.capture
@@ -179,8 +179,8 @@ def open_offline(dataset, target, budget: int, seed: int, device: torch.device) 
     check_matches_target(shard_dir, target, source=f"captured from {cap['target']}",
                          tokenizer_hash=cap["tokenizer_hash"], hidden_size=cap["hidden_size"],
                          vocab_size=vocab.target_vocab_size)
-    plan = BatchPlan(dataset.sample_lengths, budget, seed)
-    return Batches(ShardRows(dataset, budget, device), plan, target, vocab, device)
+    plan = BatchPlan(dataset.sample_lengths, batch_tokens, seed)
+    return Batches(ShardRows(dataset, batch_tokens, device), plan, target, vocab, device)
 
 
 def is_shard_folder(path) -> bool:

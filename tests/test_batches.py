@@ -1,5 +1,5 @@
 """The batch plan (the only packer) and the pipeline's pieces: every eligible sample once per
-epoch within the budget, reproducible from a seed, resumable from a saved position, split across
+epoch within the token budget, reproducible from a seed, resumable from a saved position, split across
 ranks without changing the global sequence of batches."""
 import numpy as np
 import pytest
@@ -10,12 +10,12 @@ from specfast.data.plan import BatchPlan
 from specfast.pipeline import doc_layout, supervised_within
 
 
-def greedy_reference(lengths, budget, order):
+def greedy_reference(lengths, batch_tokens, order):
     """Plain-Python definition: take samples in order while they fit (at least one per batch)."""
     out, cur, used = [], [], 0
     for i in order:
-        n = min(int(lengths[i]), budget)
-        if cur and used + n > budget:
+        n = min(int(lengths[i]), batch_tokens)
+        if cur and used + n > batch_tokens:
             out.append(cur)
             cur, used = [], 0
         cur.append(int(i))
@@ -25,7 +25,7 @@ def greedy_reference(lengths, budget, order):
 
 def test_plan_is_the_seeded_permutation_packed_greedily(seed):
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(1, 80, size=97)  # some longer than the budget: cut to it
+    lengths = rng.integers(1, 80, size=97)  # some longer than the batch_tokens: cut to it
     eligible = np.sort(rng.choice(97, size=80, replace=False))
     plan = BatchPlan(lengths, 64, seed=seed, eligible=eligible)
     for epoch in range(2):
@@ -93,7 +93,7 @@ def test_prepared_read_cuts_to_budget_and_layout_marks_documents(tiny_prepared):
     data = PreparedData.load(tiny_prepared)
     lengths = data.lengths()
     idx = [int(np.argmax(lengths)), 0]
-    ids, mask, offsets = data.read(idx, budget=20)
+    ids, mask, offsets = data.read(idx, batch_tokens=20)
     cut = [min(int(lengths[i]), 20) for i in idx]
     assert offsets.tolist() == [0, cut[0], cut[0] + cut[1]] and ids.dtype == torch.int64
     assert torch.equal(ids[cut[0]:], data.sample(0)[0][:cut[1]].long())

@@ -288,10 +288,10 @@ def test_reader_rejects_sample_longer_than_budget_and_bad_args(dataset_dir):
     with pytest.raises(ValueError, match=rf"longest is dataset sample \d+ "
                                          rf"\(shard-\d+\.safetensors, sample \d+\) "
                                          rf"with {longest} tokens"):
-        ShardReader(ds, [], token_budget=longest - 1)
+        ShardReader(ds, [], batch_tokens=longest - 1)
     with pytest.raises(ValueError, match="num_threads"):
         ShardReader(ds, [], longest, num_threads=0)
-    with pytest.raises(ValueError, match="token_budget"):
+    with pytest.raises(ValueError, match="batch_tokens"):
         ShardReader(ds, [], 0)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="pin_memory"):
@@ -300,7 +300,7 @@ def test_reader_rejects_sample_longer_than_budget_and_bad_args(dataset_dir):
 
 @pytest.mark.parametrize("bad,error,msg", [
     (np.arange(37), ValueError, r"batch 1 holds \d+ tokens in 37 samples, more than "
-                                r"token_budget="),
+                                r"batch_tokens="),
     (np.array([], dtype=np.int64), ValueError, "batch 1 must be a non-empty 1-D integer array"),
     (np.array([[1, 2]]), ValueError, "batch 1 must be a non-empty 1-D integer array"),
     (np.array([1.0]), ValueError, "batch 1 must be a non-empty 1-D integer array"),

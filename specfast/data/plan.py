@@ -1,16 +1,16 @@
 """The batch plan: which samples go into which batch, for every epoch. It is the only packer in
 specfast: online training, offline training and capture all draw their batches from it.
 
-Definition. Sample lengths are cut to the token budget. Epoch e visits the eligible samples in the
+Definition. Sample lengths are cut to the token budget (`batch_tokens`). Epoch e visits the eligible samples in the
 order `eligible[permutation(len(eligible), seed, e)]` (shuffled) or `eligible` (not shuffled), and
 packs them greedily from the current position: a batch takes samples in that order while their
-lengths fit the budget (a batch always takes at least one sample). No sample is split, no padding is
+lengths fit the token budget (a batch always takes at least one sample). No sample is split, no padding is
 added. Packing greedily from any position means a stream resumed at a batch boundary continues with
 exactly the batches it would have had, and capture can resume at any sample.
 
 The global stream is the batches of epoch 0, then epoch 1, and so on. Its position is
 `(epoch, cursor)`, the index in the epoch's order of the first sample not yet handed out; that pair
-(with the seed and budget that define the stream) is the whole resumable state.
+(with the seed and token budget that define the stream) is the whole resumable state.
 
 Ranks. With `world_size` N, each call to :meth:`BatchPlan.next` consumes the next N batches of the
 global stream and returns the `rank`-th of them, so rank r takes global batches r, r + N, r + 2N, ...
@@ -35,11 +35,12 @@ class SampleSource(Protocol):
     def lengths(self) -> np.ndarray: ...
 
 
-def check_same_order(saved: dict, seed: int, budget: int) -> None:
-    """A data position only means something under the seed and budget that produced it."""
-    if saved["seed"] != seed or saved["budget"] != budget:
-        raise ValueError(f"checkpoint data order (seed {saved['seed']}, budget {saved['budget']}) "
-                         f"differs from this run's (seed {seed}, budget {budget})")
+def check_same_order(saved: dict, seed: int, batch_tokens: int) -> None:
+    """A data position only means something under the seed and token budget that produced it."""
+    saved = {"batch_tokens": saved.get("budget"), **saved}  # checkpoints of 0.1 said "budget"
+    if saved["seed"] != seed or saved["batch_tokens"] != batch_tokens:
+        raise ValueError(f"checkpoint data order (seed {saved['seed']}, batch_tokens {saved['batch_tokens']}) "
+                         f"differs from this run's (seed {seed}, batch_tokens {batch_tokens})")
 
 
 class BatchPlan:
@@ -48,20 +49,20 @@ class BatchPlan:
     `eligible`: the sample indices to draw from (default all), in their unshuffled order.
     """
 
-    def __init__(self, lengths: np.ndarray, budget: int, seed: int = 0, *,
+    def __init__(self, lengths: np.ndarray, batch_tokens: int, seed: int = 0, *,
                  eligible: np.ndarray | None = None, shuffle: bool = True,
                  rank: int = 0, world_size: int = 1):
-        if budget < 1:
-            raise ValueError(f"token budget must be >= 1, got {budget}")
+        if batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
-        self.lengths = np.minimum(np.asarray(lengths, dtype=np.int64), budget)
+        self.lengths = np.minimum(np.asarray(lengths, dtype=np.int64), batch_tokens)
         n = len(self.lengths)
         self.eligible = np.arange(n, dtype=np.int64) if eligible is None \
             else np.asarray(eligible, dtype=np.int64)
         if len(self.eligible) == 0:
             raise ValueError("no samples to train on")
-        self.budget, self.seed, self.shuffle = int(budget), int(seed), shuffle
+        self.batch_tokens, self.seed, self.shuffle = int(batch_tokens), int(seed), shuffle
         self.rank, self.world_size = rank, world_size
         self.epoch, self.cursor = 0, 0
         self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
@@ -82,7 +83,7 @@ class BatchPlan:
             if k < len(c[2]) and c[2][k] == cursor:
                 return c[1], c[2]
         order = c[1] if c is not None and c[0] == epoch else self.order(epoch)
-        bounds = cursor + _shardio.pack_batches(self.lengths[order[cursor:]], self.budget)
+        bounds = cursor + _shardio.pack_batches(self.lengths[order[cursor:]], self.batch_tokens)
         self._cache = (epoch, order, bounds)
         return order, bounds
 
@@ -127,8 +128,8 @@ class BatchPlan:
             yield ids
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "budget": self.budget}
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "batch_tokens": self.batch_tokens}
 
     def load_state_dict(self, s: dict) -> None:
-        check_same_order(s, self.seed, self.budget)
+        check_same_order(s, self.seed, self.batch_tokens)
         self.epoch, self.cursor = int(s["epoch"]), int(s["cursor"])

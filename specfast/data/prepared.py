@@ -63,12 +63,12 @@ class PreparedData:
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
         return self.input_ids[a:b], self.loss_mask[a:b]
 
-    def read(self, indices, budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Samples `indices`, each cut to `budget` tokens, back to back: input_ids int64 [T],
+    def read(self, indices, batch_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Samples `indices`, each cut to `batch_tokens` tokens, back to back: input_ids int64 [T],
         loss_mask bool [T], offsets int64 [B + 1] (sample boundaries in the row)."""
         parts = [self.sample(int(i)) for i in indices]
-        ids = [p[0][:budget].long() for p in parts]
-        mask = [p[1][:budget].bool() for p in parts]
+        ids = [p[0][:batch_tokens].long() for p in parts]
+        mask = [p[1][:batch_tokens].bool() for p in parts]
         offsets = torch.zeros(len(parts) + 1, dtype=torch.int64)
         torch.cumsum(torch.tensor([x.numel() for x in ids]), 0, out=offsets[1:])
         return torch.cat(ids), torch.cat(mask), offsets

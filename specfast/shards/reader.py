@@ -55,18 +55,18 @@ def _buffer_pool(dataset: ShardDataset, nbytes: int, pin_memory: bool, keep: int
     return pool
 
 
-def _check_fits(dataset: ShardDataset, token_budget: int) -> None:
+def _check_fits(dataset: ShardDataset, batch_tokens: int) -> None:
     """Refuse a dataset with a sample longer than the budget: the buffers could not hold it, and
     the memory bound the budget exists for would break."""
     lengths = dataset.sample_lengths
-    too_long = np.flatnonzero(lengths > token_budget)
+    too_long = np.flatnonzero(lengths > batch_tokens)
     if too_long.size:
         worst = int(too_long[np.argmax(lengths[too_long])])
         file, local = dataset.locate(worst)
         raise ValueError(
-            f"token_budget={token_budget} is smaller than {too_long.size} sample(s); the "
+            f"batch_tokens={batch_tokens} is smaller than {too_long.size} sample(s); the "
             f"longest is dataset sample {worst} ({file}, sample {local}) with "
-            f"{int(lengths[worst])} tokens. Raise token_budget or capture shorter samples")
+            f"{int(lengths[worst])} tokens. Raise batch_tokens or capture shorter samples")
 
 
 class ShardReader:
@@ -82,30 +82,30 @@ class ShardReader:
     ``batches`` is pulled lazily, only as far as the prefetch reaches: after the caller has taken
     k batches, k + ``prefetch`` have been pulled. Iteration ends when ``batches`` does.
 
-    ``token_budget`` sizes the buffers: a dataset sample longer than it is a ValueError here, and
+    ``batch_tokens`` sizes the buffers: a dataset sample longer than it is a ValueError here, and
     a batch of more tokens than it is a ValueError when that batch's turn comes (as is any error
     raised while pulling it), after every batch before it has been yielded.
     """
 
-    def __init__(self, dataset: ShardDataset, batches: Iterable[np.ndarray], token_budget: int, *,
+    def __init__(self, dataset: ShardDataset, batches: Iterable[np.ndarray], batch_tokens: int, *,
                  num_threads: int = 4, prefetch: int = 2, pin_memory: bool = False,
                  verify: bool = True) -> None:
         if not isinstance(dataset, ShardDataset):
             raise ValueError(f"dataset must be a ShardDataset, got {type(dataset).__name__}")
-        for name, value, low in (("token_budget", token_budget, 1),
+        for name, value, low in (("batch_tokens", batch_tokens, 1),
                                  ("num_threads", num_threads, 1), ("prefetch", prefetch, 1)):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if pin_memory and not torch.cuda.is_available():
             raise ValueError("pin_memory=True needs CUDA (pinned host memory is for GPU copies); "
                              "pass pin_memory=torch.cuda.is_available()")
-        self.dataset, self.token_budget = dataset, int(token_budget)
-        _check_fits(dataset, self.token_budget)
+        self.dataset, self.batch_tokens = dataset, int(batch_tokens)
+        _check_fits(dataset, self.batch_tokens)
         self._batches: Iterator[np.ndarray] | None = iter(batches)
         self._fields = dataset.fields
-        # Each field gets a 4 KiB-aligned slot of token_budget tokens in one flat buffer.
+        # Each field gets a 4 KiB-aligned slot of batch_tokens tokens in one flat buffer.
         self._slot_offsets = np.cumsum(
-            [0] + [round_up(self.token_budget * f.bytes_per_token) for f in self._fields])
+            [0] + [round_up(self.batch_tokens * f.bytes_per_token) for f in self._fields])
         # prefetch in flight + the batch the caller holds + the one it may still be finishing
         self._buffers = _buffer_pool(dataset, int(self._slot_offsets[-1]), pin_memory,
                                      keep=prefetch + 2)
@@ -159,9 +159,9 @@ class ShardReader:
         ids = a.astype(np.int64)  # a copy: the batch's sample_ids must not alias the caller's
         lens = self.dataset.sample_lengths[ids]
         total = int(lens.sum())
-        if total > self.token_budget:
+        if total > self.batch_tokens:
             raise ValueError(f"batch {k} holds {total} tokens in {len(ids)} samples, more than "
-                             f"token_budget={self.token_budget}")
+                             f"batch_tokens={self.batch_tokens}")
         flat = self._buffers.get()
         flat_np = flat.numpy()
         batch: dict[str, torch.Tensor] = {}
