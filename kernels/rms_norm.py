@@ -114,21 +114,22 @@ class _AddRMSNormTorch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dh, dy):
-        h, weight = ctx.saved_tensors
-        need_d = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        if dy is None:  # y unused: h's gradient passes straight through the add
-            d, dw = dh, None
-        else:
-            d, dw = _torch_bwd(h, weight, ctx.eps, dy, dh, need_d, ctx.needs_input_grad[2])
-        if d is None or not need_d:
-            return None, None, dw, None
-        return _split_grad(d, ctx.dtypes) + (dw, None)
+        return _add_norm_backward(ctx, dh, dy, _torch_bwd)
 
 
-def _split_grad(d, dtypes):
-    """(d_residual, d_x): one tensor for both when the dtypes agree."""
-    dr = d.to(dtypes[0])
-    return dr, (dr if dtypes[1] == dtypes[0] else d.to(dtypes[1]))
+def _add_norm_backward(ctx, dh, dy, bwd):
+    """Gradients of add_rms_norm for either path; `bwd` is the path's norm backward."""
+    h, weight = ctx.saved_tensors
+    need_d = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    if dy is None:  # y unused: h's gradient passes straight through the add
+        d, dw = dh, None
+    else:
+        d, dw = bwd(h, weight, ctx.eps, dy, dh, need_d, ctx.needs_input_grad[2])
+    if d is None or not need_d:
+        return None, None, dw, None
+    # One tensor serves both inputs when their dtypes agree.
+    dr = d.to(ctx.dtypes[0])
+    return dr, (dr if ctx.dtypes[1] == ctx.dtypes[0] else d.to(ctx.dtypes[1])), dw, None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,16 +286,10 @@ class _AddRMSNormTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dh, dy):
-        h, weight = ctx.saved_tensors
-        need_d = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        if dy is None:  # y unused: h's gradient passes straight through the add
-            d, dw = dh, None
-        else:
-            d, dw = _triton_bwd(h, weight, ctx.eps, dy, dh, need_d, ctx.needs_input_grad[2],
-                                h.dtype)
-        if d is None or not need_d:
-            return None, None, dw, None
-        return _split_grad(d, ctx.dtypes) + (dw, None)
+        def bwd(h, weight, eps, dy, dh, need_d, need_dw):
+            return _triton_bwd(h, weight, eps, dy, dh, need_d, need_dw, h.dtype)
+
+        return _add_norm_backward(ctx, dh, dy, bwd)
 
 
 # --------------------------------------------------------------------------------------------------
