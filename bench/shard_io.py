@@ -168,7 +168,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=576)
     ap.add_argument("--min-len", type=int, default=200)
     ap.add_argument("--max-len", type=int, default=2000)
-    ap.add_argument("--token-budget", type=int, default=16384)
+    ap.add_argument("--batch-tokens", type=int, default=16384)
     ap.add_argument("--threads", type=int, default=4, help="ShardReader threads")
     ap.add_argument("--repeats", type=int, default=3,
                     help="runs per method: cold median, warm best")
@@ -197,13 +197,13 @@ def run(args, root: Path) -> None:
     tokens = ds.num_tokens
     raw_per_token = sum(f.bytes_per_token for f in ds.fields)  # ids 4 + mask 1 + 8H
     payload = raw_per_token * tokens
-    batches = list(BatchPlan(ds.sample_lengths, args.token_budget, SEED).epoch_batches(0))
+    batches = list(BatchPlan(ds.sample_lengths, args.batch_tokens, SEED).epoch_batches(0))
 
-    batch_bytes = args.token_budget * raw_per_token
+    batch_bytes = args.batch_tokens * raw_per_token
     methods = {
-        OURS: (files["shards"], lambda: read_ours(ds, batches, args.token_budget, args.threads)),
+        OURS: (files["shards"], lambda: read_ours(ds, batches, args.batch_tokens, args.threads)),
         OURS_NV: (files["shards_noverify"], lambda: read_ours(
-            ds_nv, batches, args.token_budget, args.threads, verify=False)),
+            ds_nv, batches, args.batch_tokens, args.threads, verify=False)),
         "(a) torch.load(mmap) per sample": (files["torch.save"], lambda: read_per_sample(
             files["torch.save"], batches,
             lambda p: torch.load(p, mmap=True, weights_only=True))),
@@ -216,8 +216,8 @@ def run(args, root: Path) -> None:
     }
     # Warm-up: fault in reader buffers and imports, then interleave the methods so that the
     # (shared, noisy) machine's load spreads over all of them alike.
-    read_ours(ds, batches, args.token_budget, args.threads)
-    read_ours(ds_nv, batches, args.token_budget, args.threads, verify=False)
+    read_ours(ds, batches, args.batch_tokens, args.threads)
+    read_ours(ds_nv, batches, args.batch_tokens, args.threads, verify=False)
     cold: dict[str, list[float]] = {k: [] for k in methods}
     warm: dict[str, list[float]] = {k: [] for k in methods}
     residue: dict[str, int | None] = {}
@@ -265,7 +265,7 @@ def format_report(args, lengths, tokens, raw_per_token, payload, rows, runs, res
         f"{len(lengths)} samples of {args.min_len}-{args.max_len} tokens, {tokens:,} tokens, "
         f"H={args.hidden} bf16 (aux [n, 3H] + final [n, H]), int32 ids, bool mask: "
         f"{raw_per_token} B/token, {payload / 2**30:.2f} GiB payload. Shuffled (seed {SEED}) and "
-        f"packed into {args.token_budget}-token batches by BatchPlan; ShardReader: "
+        f"packed into {args.batch_tokens}-token batches by BatchPlan; ShardReader: "
         f"{args.threads} threads, checksums verified; (a) and (b) collate with torch.cat in one "
         "process.",
         "",
