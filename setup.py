@@ -1,5 +1,6 @@
 """Build specfast: the Python packages, `kernels/` as `specfast.kernels`, and the C++ shard I/O
 extension `specfast._shardio` (built with CMake when `CMakeLists.txt` is present)."""
+
 import os
 import subprocess
 import sys
@@ -28,7 +29,8 @@ class CMakeBuild(build_ext):
         cfg = "Debug" if self.debug else "Release"
         subprocess.check_call(
             [
-                "cmake", str(ROOT),
+                "cmake",
+                str(ROOT),
                 f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
                 f"-DPYTHON_EXECUTABLE={sys.executable}",
                 f"-DPython_EXECUTABLE={sys.executable}",
@@ -38,7 +40,9 @@ class CMakeBuild(build_ext):
             cwd=build_temp,
         )
         jobs = str(os.cpu_count() or 2)
-        subprocess.check_call(["cmake", "--build", ".", "--config", cfg, "-j", jobs], cwd=build_temp)
+        subprocess.check_call(
+            ["cmake", "--build", ".", "--config", cfg, "-j", jobs], cwd=build_temp
+        )
 
 
 ext_modules = [CMakeExtension("specfast._shardio")] if (ROOT / "CMakeLists.txt").exists() else []

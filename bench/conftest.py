@@ -5,6 +5,7 @@ cores of a small machine do not compete inside one measurement. When pytest-benc
 JSON (``--benchmark-json``, as ``make bench`` asks), the hook below turns it into the table of
 ours beside the baseline with the ratio, printed and written to bench/results/kernels-<machine>.md.
 """
+
 import os
 import shlex
 
@@ -22,9 +23,14 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         return
 
     def rows(stat):
-        return [(group, 1e3 * impls["ours"][stat] if "ours" in impls else None,
-                 1e3 * impls["baseline"][stat] if "baseline" in impls else None)
-                for group, impls in cases.items()]
+        return [
+            (
+                group,
+                1e3 * impls["ours"][stat] if "ours" in impls else None,
+                1e3 * impls["baseline"][stat] if "baseline" in impls else None,
+            )
+            for group, impls in cases.items()
+        ]
 
     rounds = sorted({s["rounds"] for impls in cases.values() for s in impls.values()})
     body = [

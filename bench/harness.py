@@ -22,6 +22,7 @@ Results. :func:`write_result` prints a report and writes ``bench/results/NAME-<m
 with the machine (CPU model, cores, torch, GPU) and the command line above the caller's text.
 :func:`comparison` is the markdown table of ours beside a baseline with their ratio.
 """
+
 from __future__ import annotations
 
 import os
@@ -56,14 +57,17 @@ def reset_peak_rss() -> None:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError as e:  # a peak since process start would silently count the inputs too
-        raise RuntimeError(f"cannot reset the peak-RSS mark ({e}); peak memory needs Linux "
-                           "with a writable /proc/self/clear_refs") from e
+        raise RuntimeError(
+            f"cannot reset the peak-RSS mark ({e}); peak memory needs Linux "
+            "with a writable /proc/self/clear_refs"
+        ) from e
 
 
 @dataclass
 class Measured:
     """``value``: what the first call returned; ``times``: seconds of the first call, then of
     each repeat; ``peak_mib``: extra RSS during the first call (module docstring)."""
+
     value: Any
     times: list[float]
     peak_mib: float
@@ -121,14 +125,19 @@ def isolate(threads: int = 1) -> None:
     torch.set_num_threads(threads)
 
 
-def run_command(cmd: Sequence[str], *, threads: int | None = 1, env: dict | None = None,
-                **kwargs) -> subprocess.CompletedProcess:
+def run_command(
+    cmd: Sequence[str], *, threads: int | None = 1, env: dict | None = None, **kwargs
+) -> subprocess.CompletedProcess:
     """``subprocess.run(cmd, **kwargs)`` in a process pinned as :func:`isolate` would pin it."""
     if threads is None:
         return subprocess.run(list(cmd), env=env, **kwargs)
     # A python trampoline sets the affinity, then execs: preexec_fn is unsafe in a threaded parent.
-    pin = [sys.executable, "-c", "import os, sys; os.sched_setaffinity(0, "
-           f"{pinned_cores(threads)}); os.execvp(sys.argv[1], sys.argv[1:])"]
+    pin = [
+        sys.executable,
+        "-c",
+        "import os, sys; os.sched_setaffinity(0, "
+        f"{pinned_cores(threads)}); os.execvp(sys.argv[1], sys.argv[1:])",
+    ]
     env = {**(os.environ if env is None else env), **thread_env(threads)}
     return subprocess.run(pin + list(cmd), env=env, **kwargs)
 
@@ -138,27 +147,34 @@ def _torch_threads(threads: int) -> None:
         sys.modules["torch"].set_num_threads(threads)
 
 
-_BOOT = ("import pickle, sys; path, script = pickle.load(sys.stdin.buffer); sys.path[:0] = path; "
-         "import harness; harness._child_main(script, sys.stdin.buffer, sys.argv[1])")
+_BOOT = (
+    "import pickle, sys; path, script = pickle.load(sys.stdin.buffer); sys.path[:0] = path; "
+    "import harness; harness._child_main(script, sys.stdin.buffer, sys.argv[1])"
+)
 
 
-def run_child(prepare: Callable[..., Callable[[], Any]], *args, threads: int = 1,
-              repeats: int = 0) -> Measured:
+def run_child(
+    prepare: Callable[..., Callable[[], Any]], *args, threads: int = 1, repeats: int = 0
+) -> Measured:
     """In a fresh, pinned python: ``step = prepare(*args)`` (not measured), then
     ``measure(step, repeats)``. ``prepare`` must be defined at module level; ``step``'s return
     value comes back pickled, so return something small. Raises :class:`ChildError`."""
     main = sys.modules["__main__"]
     script = getattr(main, "__file__", None) if prepare.__module__ == "__main__" else None
-    job = (pickle.dumps(([str(BENCH), *sys.path], script))
-           + pickle.dumps((prepare, args, threads, repeats)))
+    job = pickle.dumps(([str(BENCH), *sys.path], script)) + pickle.dumps(
+        (prepare, args, threads, repeats)
+    )
     with tempfile.TemporaryDirectory(prefix="bench_child_") as tmp:
         out = Path(tmp) / "result.pickle"
-        res = run_command([sys.executable, "-c", _BOOT, str(out)], threads=threads, input=job,
-                          capture_output=True)
+        res = run_command(
+            [sys.executable, "-c", _BOOT, str(out)], threads=threads, input=job, capture_output=True
+        )
         if res.returncode != 0 or not out.is_file():
             err = res.stderr.decode(errors="replace").strip().splitlines()
-            raise ChildError(f"{getattr(prepare, '__name__', prepare)}{args}",
-                             err[-1] if err else f"rc={res.returncode}")
+            raise ChildError(
+                f"{getattr(prepare, '__name__', prepare)}{args}",
+                err[-1] if err else f"rc={res.returncode}",
+            )
         return pickle.loads(out.read_bytes())
 
 
@@ -200,8 +216,10 @@ def machine_line() -> str:
     import torch
 
     gpu = gpu_name()
-    return (f"Machine: {cpu_model()}, {os.cpu_count()} cores ({platform.machine()}), "
-            f"torch {torch.__version__}, {f'GPU {gpu}' if gpu else 'no GPU'}.")
+    return (
+        f"Machine: {cpu_model()}, {os.cpu_count()} cores ({platform.machine()}), "
+        f"torch {torch.__version__}, {f'GPU {gpu}' if gpu else 'no GPU'}."
+    )
 
 
 def machine_tag(device: str = "cpu") -> str:
@@ -233,24 +251,45 @@ def table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
     return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
-def comparison(rows: Iterable[tuple[str, float | None, float | None]], *, case: str = "case",
-               ours: str = "ours", baseline: str = "baseline", unit: str = "s",
-               fmt: str = "{:.3f}", digits: int = 2) -> list[str]:
+def comparison(
+    rows: Iterable[tuple[str, float | None, float | None]],
+    *,
+    case: str = "case",
+    ours: str = "ours",
+    baseline: str = "baseline",
+    unit: str = "s",
+    fmt: str = "{:.3f}",
+    digits: int = 2,
+) -> list[str]:
     """Markdown table of ``(case, ours, baseline)``: ours beside the baseline and the ratio
     ``baseline / ours``."""
+
     def cell(x):
         return "–" if x is None else fmt.format(x)
 
-    return table([case, f"{ours} ({unit})", f"{baseline} ({unit})", f"{baseline} / {ours}"],
-                 [(c, cell(o), cell(b), ratio(b, o, digits)) for c, o, b in rows])
+    return table(
+        [case, f"{ours} ({unit})", f"{baseline} ({unit})", f"{baseline} / {ours}"],
+        [(c, cell(o), cell(b), ratio(b, o, digits)) for c, o, b in rows],
+    )
 
 
-def write_result(name: str, title: str, body: Sequence[str], *, device: str = "cpu",
-                 command: str | None = None, save: bool = True) -> Path | None:
+def write_result(
+    name: str,
+    title: str,
+    body: Sequence[str],
+    *,
+    device: str = "cpu",
+    command: str | None = None,
+    save: bool = True,
+) -> Path | None:
     """Print ``title``, the machine and command line, then ``body``; unless ``save`` is false,
     also write that to ``bench/results/NAME-<machine>.md`` and return its path."""
-    text = "\n".join([title, "", f"{machine_line()} Command: `{command or command_line()}`.", "",
-                      *body]).rstrip() + "\n"
+    text = (
+        "\n".join(
+            [title, "", f"{machine_line()} Command: `{command or command_line()}`.", "", *body]
+        ).rstrip()
+        + "\n"
+    )
     print(text, end="")
     if not save:
         return None

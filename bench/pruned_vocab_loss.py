@@ -27,6 +27,7 @@ this process's torch thread count); peak = the extra RSS of one forward + backwa
 as bench/harness.py defines it. The grads (T·H + V·H fp32) are part of both methods' peaks.
 GPU peak memory: torch.cuda.max_memory_allocated over forward + backward, minus the inputs.
 """
+
 import argparse
 import os
 from functools import partial
@@ -45,7 +46,7 @@ def make_inputs(T, H, V, device, dtype, seed=0):
     """In-place scaling so that creating the inputs leaves no transient peak behind."""
     g = torch.Generator(device=device).manual_seed(seed)
     hidden = torch.randn(T, H, generator=g, device=device, dtype=dtype)
-    weight = torch.randn(V, H, generator=g, device=device, dtype=dtype).mul_(H ** -0.5)
+    weight = torch.randn(V, H, generator=g, device=device, dtype=dtype).mul_(H**-0.5)
     teacher = torch.randn(T, V, generator=g, device=device, dtype=dtype).mul_(2.0)
     mask = torch.rand(T, generator=g, device=device) < 0.9
     return hidden.requires_grad_(), weight.requires_grad_(), teacher, mask
@@ -140,11 +141,15 @@ def _cpu_row(T, H, V, ours, ref, est, cap):
     gflops = flops(T, H, V) / ours["s"] / 1e9
     head = f"| {T} | {H} | {V} | {ours['s']:.2f} |"
     if ref is None:
-        return (f"{head} not run: est. peak {est:.0f} GiB > {cap:.0f} GiB cap (shared 24 GiB "
-                f"machine) | | {gflops:.1f} | {ours['peak_mib']:.0f} | | |")
-    return (f"{head} {ref['s']:.2f} | {ratio(ref['s'], ours['s'])} | {gflops:.1f} | "
-            f"{ours['peak_mib']:.0f} | {ref['peak_mib']:.0f} | "
-            f"{ratio(ref['peak_mib'], max(ours['peak_mib'], 1), 1)} |")
+        return (
+            f"{head} not run: est. peak {est:.0f} GiB > {cap:.0f} GiB cap (shared 24 GiB "
+            f"machine) | | {gflops:.1f} | {ours['peak_mib']:.0f} | | |"
+        )
+    return (
+        f"{head} {ref['s']:.2f} | {ratio(ref['s'], ours['s'])} | {gflops:.1f} | "
+        f"{ours['peak_mib']:.0f} | {ref['peak_mib']:.0f} | "
+        f"{ratio(ref['peak_mib'], max(ours['peak_mib'], 1), 1)} |"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- GPU
@@ -169,8 +174,9 @@ def run_gpu(args):
                     fwd_bwd(fn, *inputs)  # warm-up / compile
                     torch.cuda.synchronize()
                     peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-                    ms = triton.testing.do_bench(partial(fwd_bwd, fn, *inputs),
-                                                 return_mode="median")
+                    ms = triton.testing.do_bench(
+                        partial(fwd_bwd, fn, *inputs), return_mode="median"
+                    )
                     row[label] = {"ms": ms, "tflops": flops(T, H, V) / ms / 1e9, "peak_mib": peak}
                 except torch.cuda.OutOfMemoryError:
                     row[label] = None
@@ -205,22 +211,30 @@ def _gpu_row(r, is_h100):
         return ratio(r[m]["ms"], ours["ms"]) if (ours and r.get(m)) else "n/a"
 
     ms, peak = "{:.3f}", "{:.0f}"
-    return (f"| {r['T']} | {r['H']} | {r['V']} | {cell('ours', 'ms', ms)} "
-            f"| {cell('ours', 'tflops', '{:.0f}')} | {roof} | {cell('eager', 'ms', ms)} "
-            f"| {cell('compile', 'ms', ms)} | {vs('eager')} | {vs('compile')} "
-            f"| {cell('ours', 'peak_mib', peak)} | {cell('eager', 'peak_mib', peak)} "
-            f"| {cell('compile', 'peak_mib', peak)} |")
+    return (
+        f"| {r['T']} | {r['H']} | {r['V']} | {cell('ours', 'ms', ms)} "
+        f"| {cell('ours', 'tflops', '{:.0f}')} | {roof} | {cell('eager', 'ms', ms)} "
+        f"| {cell('compile', 'ms', ms)} | {vs('eager')} | {vs('compile')} "
+        f"| {cell('ours', 'peak_mib', peak)} | {cell('eager', 'peak_mib', peak)} "
+        f"| {cell('compile', 'peak_mib', peak)} |"
+    )
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--gpu", action="store_true",
-                    help="CUDA benchmark (Triton) instead of the CPU one")
+    ap.add_argument(
+        "--gpu", action="store_true", help="CUDA benchmark (Triton) instead of the CPU one"
+    )
     ap.add_argument("--quick", action="store_true", help="CPU: T ∈ {1k, 4k} only")
-    ap.add_argument("--ref-cap-gib", type=float, default=8.0,
-                    help="CPU: skip the reference where its estimated peak exceeds this")
-    ap.add_argument("--rounds", type=int, default=2,
-                    help="CPU: interleaved runs per method and shape")
+    ap.add_argument(
+        "--ref-cap-gib",
+        type=float,
+        default=8.0,
+        help="CPU: skip the reference where its estimated peak exceeds this",
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=2, help="CPU: interleaved runs per method and shape"
+    )
     args = ap.parse_args()
     if args.gpu:
         run_gpu(args)

@@ -24,6 +24,7 @@ and the methods take turns: between two reads of the same bytes, ~4 GiB of other
     python bench/shard_io.py --gib 0.25 --no-save
     python bench/shard_io.py --quick          # smoke run: 0.05 GiB, one repeat, not saved
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,16 +70,22 @@ def sample_source(lengths: list[int], hidden: int, seed: int):
     ids_pool = torch.randint(0, 49152, (max(lengths) * 4,), generator=g, dtype=torch.int32)
     for i, n in enumerate(lengths):
         a = (i * 7919) % (pool.shape[0] - 4 * n)
-        yield {"input_ids": ids_pool[a % (ids_pool.shape[0] - n):][:n].clone(),
-               "loss_mask": ids_pool[a % (ids_pool.shape[0] - n):][:n] % 3 > 0,
-               "aux_hidden": pool[a:a + 3 * n].reshape(n, 3 * hidden).clone(),
-               "final_hidden": pool[a + 3 * n:a + 4 * n].clone()}
+        yield {
+            "input_ids": ids_pool[a % (ids_pool.shape[0] - n) :][:n].clone(),
+            "loss_mask": ids_pool[a % (ids_pool.shape[0] - n) :][:n] % 3 > 0,
+            "aux_hidden": pool[a : a + 3 * n].reshape(n, 3 * hidden).clone(),
+            "final_hidden": pool[a + 3 * n : a + 4 * n].clone(),
+        }
 
 
 def write_all(root: Path, lengths: list[int], hidden: int, seed: int) -> dict[str, list[Path]]:
-    cfg = dict(target="synthetic/smollm2-like", aux_layer_ids=[1, 14, 26],
-               aux_layer_convention=AUX_LAYER_CONVENTION, hidden_size=hidden,
-               tokenizer_hash="synthetic")
+    cfg = dict(
+        target="synthetic/smollm2-like",
+        aux_layer_ids=[1, 14, 26],
+        aux_layer_convention=AUX_LAYER_CONVENTION,
+        hidden_size=hidden,
+        tokenizer_hash="synthetic",
+    )
     (root / "pt").mkdir()
     (root / "st").mkdir()
     t0 = time.perf_counter()
@@ -97,12 +104,18 @@ def write_all(root: Path, lengths: list[int], hidden: int, seed: int) -> dict[st
     for copy in ("shards_noverify", "shards_raw", "shards_raw8m"):
         shutil.copytree(root / "shards", root / copy)
     os.sync()  # dirty pages cannot be evicted
-    print(f"wrote {len(lengths)} samples: specfast {t_ours:.1f}s (fsynced), "
-          f"torch.save {t_pt:.1f}s (not fsynced)")
-    return {**{k: sorted((root / k).glob("shard-*.safetensors"))
-               for k in ("shards", "shards_noverify", "shards_raw", "shards_raw8m")},
-            "torch.save": [root / "pt" / f"{i:06d}.pt" for i in range(len(lengths))],
-            "safetensors": [root / "st" / f"{i:06d}.safetensors" for i in range(len(lengths))]}
+    print(
+        f"wrote {len(lengths)} samples: specfast {t_ours:.1f}s (fsynced), "
+        f"torch.save {t_pt:.1f}s (not fsynced)"
+    )
+    return {
+        **{
+            k: sorted((root / k).glob("shard-*.safetensors"))
+            for k in ("shards", "shards_noverify", "shards_raw", "shards_raw8m")
+        },
+        "torch.save": [root / "pt" / f"{i:06d}.pt" for i in range(len(lengths))],
+        "safetensors": [root / "st" / f"{i:06d}.safetensors" for i in range(len(lengths))],
+    }
 
 
 def evict(paths: list[Path]) -> int | None:
@@ -117,15 +130,26 @@ def evict(paths: list[Path]) -> int | None:
         return None
     cached = 0
     for i in range(0, len(paths), 200):
-        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES",
-                              *map(str, paths[i:i + 200])], capture_output=True, text=True,
-                             check=True).stdout
+        out = subprocess.run(
+            [
+                "fincore",
+                "--bytes",
+                "--noheadings",
+                "--output",
+                "RES",
+                *map(str, paths[i : i + 200]),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         cached += sum(int(x) for x in out.split())
     return cached
 
 
-def read_ours(ds: ShardDataset, batches: list[np.ndarray], budget: int, threads: int,
-              verify: bool = True) -> int:
+def read_ours(
+    ds: ShardDataset, batches: list[np.ndarray], budget: int, threads: int, verify: bool = True
+) -> int:
     n = 0
     with ShardReader(ds, batches, budget, num_threads=threads, verify=verify) as r:
         for b in r:
@@ -154,7 +178,7 @@ def read_raw(files: list[Path], buffer_bytes: int, chunk: int = 8 << 20) -> int:
             while True:
                 if pos == buffer_bytes:
                     pos = 0
-                got = f.readinto(view[pos:pos + min(chunk, buffer_bytes - pos)])
+                got = f.readinto(view[pos : pos + min(chunk, buffer_bytes - pos)])
                 if not got:
                     break
                 total += got
@@ -170,12 +194,14 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=2000)
     ap.add_argument("--batch-tokens", type=int, default=16384)
     ap.add_argument("--threads", type=int, default=4, help="ShardReader threads")
-    ap.add_argument("--repeats", type=int, default=3,
-                    help="runs per method: cold median, warm best")
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="runs per method: cold median, warm best"
+    )
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir in /tmp)")
     ap.add_argument("--no-save", action="store_true", help="do not write bench/results")
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke run: --gib 0.05 --repeats 1 --no-save")
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke run: --gib 0.05 --repeats 1 --no-save"
+    )
     args = ap.parse_args()
     if args.quick:
         args.gib, args.repeats, args.no_save = 0.05, 1, True
@@ -202,17 +228,28 @@ def run(args, root: Path) -> None:
     batch_bytes = args.batch_tokens * raw_per_token
     methods = {
         OURS: (files["shards"], lambda: read_ours(ds, batches, args.batch_tokens, args.threads)),
-        OURS_NV: (files["shards_noverify"], lambda: read_ours(
-            ds_nv, batches, args.batch_tokens, args.threads, verify=False)),
-        "(a) torch.load(mmap) per sample": (files["torch.save"], lambda: read_per_sample(
-            files["torch.save"], batches,
-            lambda p: torch.load(p, mmap=True, weights_only=True))),
-        "(b) safetensors per sample": (files["safetensors"], lambda: read_per_sample(
-            files["safetensors"], batches, lambda p: load_file(str(p)))),
-        CEILING: (files["shards_raw"],
-                  lambda: (read_raw(files["shards_raw"], batch_bytes), len(ds))[1]),
-        CACHE_HOT: (files["shards_raw8m"],
-                    lambda: (read_raw(files["shards_raw8m"], 8 << 20), len(ds))[1]),
+        OURS_NV: (
+            files["shards_noverify"],
+            lambda: read_ours(ds_nv, batches, args.batch_tokens, args.threads, verify=False),
+        ),
+        "(a) torch.load(mmap) per sample": (
+            files["torch.save"],
+            lambda: read_per_sample(
+                files["torch.save"], batches, lambda p: torch.load(p, mmap=True, weights_only=True)
+            ),
+        ),
+        "(b) safetensors per sample": (
+            files["safetensors"],
+            lambda: read_per_sample(files["safetensors"], batches, lambda p: load_file(str(p))),
+        ),
+        CEILING: (
+            files["shards_raw"],
+            lambda: (read_raw(files["shards_raw"], batch_bytes), len(ds))[1],
+        ),
+        CACHE_HOT: (
+            files["shards_raw8m"],
+            lambda: (read_raw(files["shards_raw8m"], 8 << 20), len(ds))[1],
+        ),
     }
     # Warm-up: fault in reader buffers and imports, then interleave the methods so that the
     # (shared, noisy) machine's load spreads over all of them alike.
@@ -239,27 +276,44 @@ def run(args, root: Path) -> None:
         print(f"{name}: cold {payload / c / 1e9:.2f} GB/s, warm {payload / w / 1e9:.2f} GB/s")
 
     def disk(paths):
-        return (sum(p.stat().st_size for p in paths),
-                sum(p.stat().st_blocks * 512 for p in paths))
+        return (sum(p.stat().st_size for p in paths), sum(p.stat().st_blocks * 512 for p in paths))
 
     runs = {k: (cold[k], warm[k]) for k in methods}
-    report = format_report(args, lengths, tokens, raw_per_token, payload, rows, runs, residue,
-                           {"specfast shards": disk(files["shards"]),
-                            "torch.save per sample": disk(files["torch.save"]),
-                            "safetensors per sample": disk(files["safetensors"])}, load)
-    write_result("shard_io", f"# Shard read throughput and size (CPU, {os.cpu_count()} cores)",
-                 report, save=not args.no_save)
+    report = format_report(
+        args,
+        lengths,
+        tokens,
+        raw_per_token,
+        payload,
+        rows,
+        runs,
+        residue,
+        {
+            "specfast shards": disk(files["shards"]),
+            "torch.save per sample": disk(files["torch.save"]),
+            "safetensors per sample": disk(files["safetensors"]),
+        },
+        load,
+    )
+    write_result(
+        "shard_io",
+        f"# Shard read throughput and size (CPU, {os.cpu_count()} cores)",
+        report,
+        save=not args.no_save,
+    )
 
 
-def format_report(args, lengths, tokens, raw_per_token, payload, rows, runs, residue, disk,
-                  load) -> list[str]:
+def format_report(
+    args, lengths, tokens, raw_per_token, payload, rows, runs, residue, disk, load
+) -> list[str]:
     ours_cold, ours_warm = rows[OURS]
     nv_cold, nv_warm = rows[OURS_NV]
     peer_cold, peer_warm = rows["(a) torch.load(mmap) per sample"]
     ceil_cold, ceil_warm = rows[CEILING]
     hot_cold, hot_warm = rows[CACHE_HOT]
-    evicted = ", ".join(f"{k.split()[0]} {v if v is not None else 'n/a'}"
-                        for k, v in residue.items())
+    evicted = ", ".join(
+        f"{k.split()[0]} {v if v is not None else 'n/a'}" for k, v in residue.items()
+    )
     lines = [
         f"Load average {min(load):.1f}-{max(load):.1f} during the run (the machine is shared). "
         f"{len(lengths)} samples of {args.min_len}-{args.max_len} tokens, {tokens:,} tokens, "
@@ -281,15 +335,21 @@ def format_report(args, lengths, tokens, raw_per_token, payload, rows, runs, res
     ]
     for name, (cold, warm) in rows.items():
         each = [" ".join(f"{payload / t / 1e9:.2f}" for t in ts) for ts in runs[name]]
-        lines.append(f"| {name} | {payload / cold / 1e9:.2f} | {len(lengths) / cold:.0f} | "
-                     f"{payload / warm / 1e9:.2f} | {len(lengths) / warm:.0f} | "
-                     f"{each[0]} | {each[1]} |")
-    lines += ["", "| storage | bytes/token (file size) | bytes/token (allocated) "
-              "| vs raw tensor bytes |",
-              "|---|---:|---:|---:|"]
+        lines.append(
+            f"| {name} | {payload / cold / 1e9:.2f} | {len(lengths) / cold:.0f} | "
+            f"{payload / warm / 1e9:.2f} | {len(lengths) / warm:.0f} | "
+            f"{each[0]} | {each[1]} |"
+        )
+    lines += [
+        "",
+        "| storage | bytes/token (file size) | bytes/token (allocated) | vs raw tensor bytes |",
+        "|---|---:|---:|---:|",
+    ]
     for name, (size, alloc) in disk.items():
-        lines.append(f"| {name} | {size / tokens:.1f} | {alloc / tokens:.1f} | "
-                     f"{size / payload:.4f}x (allocated {alloc / payload:.4f}x) |")
+        lines.append(
+            f"| {name} | {size / tokens:.1f} | {alloc / tokens:.1f} | "
+            f"{size / payload:.4f}x (allocated {alloc / payload:.4f}x) |"
+        )
     lines.append(f"| raw tensor bytes | {raw_per_token} | | 1x |")
     size_ratio = disk["specfast shards"][0] / payload
 
@@ -306,8 +366,7 @@ def format_report(args, lengths, tokens, raw_per_token, payload, rows, runs, res
         f"{verdict(ceil_cold / nv_cold, 0.8)}, warm {verdict(ceil_warm / nv_warm, 0.8)}. "
         f"Against (c'), whose destination stays in cache and which no batch loader can match: "
         f"cold {hot_cold / ours_cold:.2f}, warm {hot_warm / ours_warm:.2f}.",
-        f"- <= 1.01x raw bytes: {size_ratio:.4f}x "
-        f"({'met' if size_ratio <= 1.01 else 'NOT met'}).",
+        f"- <= 1.01x raw bytes: {size_ratio:.4f}x ({'met' if size_ratio <= 1.01 else 'NOT met'}).",
     ]
     return lines
 

@@ -6,6 +6,7 @@ Baselines are the ones the bench scripts define: the materialised reference for
 pruned_vocab_loss (fp32 [T, V] logits kept for backward), and the peers' dense fp32
 [B, Hq, L, L+S-1] scores for ttt_attention (``dense_peer`` in ttt_attention.py).
 """
+
 import pytest
 import torch
 from pruned_vocab_loss import fwd_bwd
@@ -16,8 +17,10 @@ from ttt_attention import make_inputs as attention_inputs
 
 ROUNDS = 5  # a few seconds per shape; the min over rounds is what the table compares
 
-VOCAB = {"ours": lambda h, w, t, m: pruned_vocab_loss(h, w, t, m, backend="torch"),
-         "baseline": pruned_vocab_loss_reference}
+VOCAB = {
+    "ours": lambda h, w, t, m: pruned_vocab_loss(h, w, t, m, backend="torch"),
+    "baseline": pruned_vocab_loss_reference,
+}
 ATTENTION = {"ours": lambda *a: ttt_attention(*a, backend="torch"), "baseline": dense_peer}
 
 
@@ -39,22 +42,29 @@ def test_pruned_vocab_loss(benchmark, impl, T, H, V):
         ref, _ = pruned_vocab_loss_reference(*inputs)
         torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
 
-    _run(benchmark, f"pruned_vocab_loss T={T} H={H} V={V}", impl,
-         lambda: fwd_bwd(VOCAB[impl], *inputs), check)
+    _run(
+        benchmark,
+        f"pruned_vocab_loss T={T} H={H} V={V}",
+        impl,
+        lambda: fwd_bwd(VOCAB[impl], *inputs),
+        check,
+    )
 
 
 @pytest.mark.parametrize("impl", ["ours", "baseline"])
 @pytest.mark.parametrize("L,doc_len", [(1024, None), (2048, 512)])
 def test_ttt_attention(benchmark, impl, L, doc_len):
-    q, keys, values, doc_ids = attention_inputs(L, HEADS["smollm2"], doc_len, "cpu",
-                                                torch.float32)
+    q, keys, values, doc_ids = attention_inputs(L, HEADS["smollm2"], doc_len, "cpu", torch.float32)
     fn = ATTENTION[impl]
 
     def check():
         with torch.no_grad():
-            torch.testing.assert_close(fn(q, keys, values, doc_ids),
-                                       ttt_attention(q, keys, values, doc_ids, backend="reference"),
-                                       rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(
+                fn(q, keys, values, doc_ids),
+                ttt_attention(q, keys, values, doc_ids, backend="reference"),
+                rtol=1e-4,
+                atol=1e-4,
+            )
 
     def step():
         out = fn(q, keys, values, doc_ids)

@@ -28,6 +28,7 @@ CPU numbers: every (method, L) runs in a fresh process (bench/harness.py's run_c
 BENCH_THREADS threads (default 2); peak memory is the extra RSS of the first forward + backward
 over the inputs, as bench/harness.py defines it; the time is the best of the repeats after it.
 """
+
 import argparse
 import os
 import time
@@ -75,7 +76,7 @@ def dense_peer(q, keys, values, doc_ids, scale=None):
     _, _, Hkv, L, D = keys.shape
     Hq = q.shape[1]
     g = Hq // Hkv
-    scale = D ** -0.5 if scale is None else scale
+    scale = D**-0.5 if scale is None else scale
     qf = q.float()
     k0 = keys[0].float().repeat_interleave(g, dim=1)
     v0 = values[0].float().repeat_interleave(g, dim=1)
@@ -176,8 +177,11 @@ def run_cpu(lengths, doc_len, dense_max_l):
         # The first run already times one step; 16k steps take tens of seconds.
         reps = 2 if L <= 4096 else 0
         row = {"L": L}
-        for key, method, docs in (("ours_1doc", "ours", None), ("ours_docs", "ours", doc_len),
-                                  ("dense", "dense", doc_len)):
+        for key, method, docs in (
+            ("ours_1doc", "ours", None),
+            ("ours_docs", "ours", doc_len),
+            ("dense", "dense", doc_len),
+        ):
             if method == "dense" and L > dense_max_l:
                 row[key] = None
                 continue
@@ -202,8 +206,9 @@ def packed_strategies(L=4096, n_docs=8):
         "one causal call, no documents (reference point)": lambda: flash(q, k, v, 0.0, True),
         "one call, block-diagonal mask": lambda: flash(q, k, v, 0.0, False, attn_mask=bias),
         "one causal call per document (ours)": lambda: [
-            flash(q[:, :, s:s + n], k[:, :, s:s + n], v[:, :, s:s + n], 0.0, True)
-            for s in range(0, L, n)],
+            flash(q[:, :, s : s + n], k[:, :, s : s + n], v[:, :, s : s + n], 0.0, True)
+            for s in range(0, L, n)
+        ],
     }
     out = {}
     for name, fn in cases.items():
@@ -225,8 +230,8 @@ def _cell(r, key, field):
 def cpu_table(rows, threads, doc_len, load, strategies):
     title = f"### CPU ({cpu_model()}, {threads} threads, torch {torch.__version__}, fp32)"
     lines = [
-        f"Forward + backward of one TTT step, B={B}, Hq=9, Hkv=3, D=64, S={S}. \"1 doc\": one "
-        f"document per row; \"packed\": documents of {doc_len} tokens. dense = the peers' "
+        f'Forward + backward of one TTT step, B={B}, Hq=9, Hkv=3, D=64, S={S}. "1 doc": one '
+        f'document per row; "packed": documents of {doc_len} tokens. dense = the peers\' '
         "[B, Hq, L, L+S−1] fp32 scores (same work with or without documents; run packed). Peak = "
         f"extra RSS over the inputs. 1-min load average {load[0]:.1f} before, {load[1]:.1f} "
         "after: the machine is shared, so times are inflated where it exceeds the thread count.",
@@ -305,8 +310,12 @@ def run_gpu(lengths, doc_len):
             q, keys, values, doc_ids = make_inputs(L, heads, docs, dev, torch.bfloat16)
             flops = useful_flops(L, heads, docs)
             grad = torch.randn(B, heads[0], L, heads[2], device=dev, dtype=torch.bfloat16)
-            row = {"cfg": cfg, "L": L, "flops": flops,
-                   "docs": f"{docs}-token docs" if doc_ids is not None else "1 doc"}
+            row = {
+                "cfg": cfg,
+                "L": L,
+                "flops": flops,
+                "docs": f"{docs}-token docs" if doc_ids is not None else "1 doc",
+            }
             flex_run, row["flex_mask_ms"] = None, None
             try:
                 flex_run, build_s = flex_setup(q, keys, values, doc_ids)
@@ -324,11 +333,13 @@ def run_gpu(lengths, doc_len):
                     if L <= 1024:  # hold every method to the reference where the reference is cheap
                         with torch.no_grad():
                             ref = ttt_attention_reference(q, keys, values, doc_ids)
-                            torch.testing.assert_close(fn().float(), ref.float(),
-                                                       atol=3e-2, rtol=3e-2)
+                            torch.testing.assert_close(
+                                fn().float(), ref.float(), atol=3e-2, rtol=3e-2
+                            )
                         del ref
-                    ms = triton.testing.do_bench(partial(_backward, fn, grad),
-                                                 grad_to_none=[q, keys, values])
+                    ms = triton.testing.do_bench(
+                        partial(_backward, fn, grad), grad_to_none=[q, keys, values]
+                    )
                     row[m] = ms
                 except torch.cuda.OutOfMemoryError:
                     row[m] = "OOM"
@@ -353,8 +364,10 @@ def gpu_table(rows, name, roof_name, peak_flops):
         a, b = row.get("ours"), row.get(m)
         return ratio(b, a, 1) if isinstance(a, float) and isinstance(b, float) else "–"
 
-    title = (f"### CUDA ({name}, torch {torch.__version__}, bf16; roofline {roof_name} "
-             f"{peak_flops / 1e12:.0f} TFLOP/s)")
+    title = (
+        f"### CUDA ({name}, torch {torch.__version__}, bf16; roofline {roof_name} "
+        f"{peak_flops / 1e12:.0f} TFLOP/s)"
+    )
     lines = [
         f"Forward + backward of one TTT step, B={B}, S={S}; TFLOP/s on the useful FLOPs (see the "
         "bench docstring), % of the roofline in brackets. flex excludes its block-mask build, "
@@ -378,12 +391,20 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", action="store_true", help="CUDA comparison (Triton vs flex vs SDPA)")
     ap.add_argument("--lengths", default="1024,4096,16384")
-    ap.add_argument("--doc-len", type=int, default=1024,
-                    help="length of the packed documents (each L also runs with one document)")
-    ap.add_argument("--dense-max-l", type=int, default=4096,
-                    help="CPU: largest L to run the dense baseline at")
-    ap.add_argument("--quick", action="store_true",
-                    help="CPU smoke run: L in {512, 1024}, 256-token documents; printed, not saved")
+    ap.add_argument(
+        "--doc-len",
+        type=int,
+        default=1024,
+        help="length of the packed documents (each L also runs with one document)",
+    )
+    ap.add_argument(
+        "--dense-max-l", type=int, default=4096, help="CPU: largest L to run the dense baseline at"
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="CPU smoke run: L in {512, 1024}, 256-token documents; printed, not saved",
+    )
     args = ap.parse_args()
 
     if args.quick:

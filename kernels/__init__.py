@@ -3,6 +3,7 @@
 Each op has a plain-PyTorch reference (the definition of its math), a fast path (Triton on CUDA,
 an efficient PyTorch path on CPU), and tests holding the fast path to the reference.
 """
+
 from .pruned_vocab_loss import pruned_vocab_loss, pruned_vocab_loss_reference
 from .rms_norm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
 from .rope import rope, rope_reference

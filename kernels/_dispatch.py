@@ -1,4 +1,5 @@
 """Choosing a kernel path by device, and saying which one once in the log."""
+
 import logging
 import os
 

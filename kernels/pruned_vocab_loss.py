@@ -18,6 +18,7 @@ the torch path recomputes them with the softmax).
 The backward folds the loss scale grad_out/N in after the matmuls, so fp16 grad tiles (values in
 [−1, 1]) do not underflow when N is large.
 """
+
 import torch
 import torch.nn.functional as F
 
@@ -51,8 +52,12 @@ def pruned_vocab_loss(hidden, weight, teacher_logits, mask, *, backend="auto", c
     """
     T, H = hidden.shape
     V = weight.shape[0]
-    assert weight.shape == (V, H), f"weight {tuple(weight.shape)} does not match hidden {tuple(hidden.shape)}"
-    assert teacher_logits.shape == (T, V), f"teacher_logits {tuple(teacher_logits.shape)} != {(T, V)}"
+    assert weight.shape == (V, H), (
+        f"weight {tuple(weight.shape)} does not match hidden {tuple(hidden.shape)}"
+    )
+    assert teacher_logits.shape == (T, V), (
+        f"teacher_logits {tuple(teacher_logits.shape)} != {(T, V)}"
+    )
     assert mask.shape == (T,), f"mask {tuple(mask.shape)} != {(T,)}"
 
     if backend == "auto":
@@ -61,10 +66,16 @@ def pruned_vocab_loss(hidden, weight, teacher_logits, mask, *, backend="auto", c
             log_once("pruned_vocab_loss:triton", "pruned_vocab_loss: Triton kernel on CUDA")
         elif hidden.is_cuda:
             backend = "torch"
-            log_once("pruned_vocab_loss:no-triton", "pruned_vocab_loss: Triton not installed; chunked torch on CUDA")
+            log_once(
+                "pruned_vocab_loss:no-triton",
+                "pruned_vocab_loss: Triton not installed; chunked torch on CUDA",
+            )
         else:
             backend = "torch"
-            log_once("pruned_vocab_loss:torch", f"pruned_vocab_loss: chunked torch path on {hidden.device.type}")
+            log_once(
+                "pruned_vocab_loss:torch",
+                f"pruned_vocab_loss: chunked torch path on {hidden.device.type}",
+            )
 
     if backend == "reference":
         return pruned_vocab_loss_reference(hidden, weight, teacher_logits, mask)
@@ -96,7 +107,9 @@ def _loss_scale(grad_loss, mask):
 # Chunked PyTorch path
 # ---------------------------------------------------------------------------------------------------
 
-_CHUNK_BYTES = 64 << 20  # fp32 logits per chunk (two such blocks alive); fewer rows slow the CPU GEMMs
+_CHUNK_BYTES = (
+    64 << 20
+)  # fp32 logits per chunk (two such blocks alive); fewer rows slow the CPU GEMMs
 
 
 def _chunk_rows(T, V, chunk_size):
@@ -147,8 +160,12 @@ class _ChunkedPrunedVocabLoss(torch.autograd.Function):
         C = ctx.chunk_rows
         scale = _loss_scale(grad_loss, mask)
         w = weight.float()
-        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_h = (
+            torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
+        )
+        grad_w = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        )
         for t0 in range(0, T, C):
             rows = slice(t0, min(T, t0 + C))
             m = mask[rows]
@@ -178,9 +195,22 @@ class _ChunkedPrunedVocabLoss(torch.autograd.Function):
 if triton is not None:
 
     @triton.jit
-    def _logits_tile(h_ptr, w_ptr, offs_t, offs_v, T, V, H, stride_h, stride_w,
-                     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    def _logits_tile(
+        h_ptr,
+        w_ptr,
+        offs_t,
+        offs_v,
+        T,
+        V,
+        H,
+        stride_h,
+        stride_w,
+        BLOCK_T: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        UPCAST: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
         """fp32 [BLOCK_T, BLOCK_V] tile of hidden · weightᵀ, reducing over H in BLOCK_H steps.
         Out-of-range rows/columns read zeros."""
         acc = tl.zeros((BLOCK_T, BLOCK_V), dtype=tl.float32)
@@ -201,11 +231,31 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _fwd_kernel(h_ptr, w_ptr, t_ptr,
-                    m_d_ptr, s_d_ptr, i_d_ptr, m_t_ptr, s_t_ptr, a_t_ptr, i_t_ptr,
-                    T, V, H, stride_h, stride_w, stride_tt, stride_tv, V_PER_SPLIT,
-                    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    def _fwd_kernel(
+        h_ptr,
+        w_ptr,
+        t_ptr,
+        m_d_ptr,
+        s_d_ptr,
+        i_d_ptr,
+        m_t_ptr,
+        s_t_ptr,
+        a_t_ptr,
+        i_t_ptr,
+        T,
+        V,
+        H,
+        stride_h,
+        stride_w,
+        stride_tt,
+        stride_tv,
+        V_PER_SPLIT,
+        BLOCK_T: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        UPCAST: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
         """One program: BLOCK_T rows × one V split. Writes per-(split, row) partials: draft max / Σexp /
         argmax, teacher max / Σexp / Σ exp(teacher)·logit / argmax. Partials are combined in torch."""
         pid_t = tl.program_id(0)
@@ -227,10 +277,27 @@ if triton is not None:
         for v0 in range(v_begin, v_end, BLOCK_V):
             offs_v = v0 + tl.arange(0, BLOCK_V)
             col_ok = offs_v < v_end
-            z = _logits_tile(h_ptr, w_ptr, offs_t, offs_v, T, v_end, H, stride_h, stride_w,
-                             BLOCK_T, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION)
-            t = tl.load(t_rows + offs_v.to(tl.int64)[None, :] * stride_tv,
-                        mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            z = _logits_tile(
+                h_ptr,
+                w_ptr,
+                offs_t,
+                offs_v,
+                T,
+                v_end,
+                H,
+                stride_h,
+                stride_w,
+                BLOCK_T,
+                BLOCK_V,
+                BLOCK_H,
+                UPCAST,
+                DOT_PRECISION,
+            )
+            t = tl.load(
+                t_rows + offs_v.to(tl.int64)[None, :] * stride_tv,
+                mask=row_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
             z_live = tl.where(col_ok[None, :], z, float("-inf"))
             t_live = tl.where(col_ok[None, :], t, float("-inf"))
 
@@ -266,11 +333,32 @@ if triton is not None:
         tl.store(i_t_ptr + out, i_t, mask=row_ok)
 
     @triton.jit
-    def _bwd_kernel(h_ptr, w_ptr, t_ptr, lse_d_ptr, lse_t_ptr, mask_ptr, scale_ptr, gh_ptr, gw_ptr,
-                    T, V, H, stride_h, stride_w, stride_tt, stride_tv,
-                    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_T: tl.constexpr,
-                    COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
-                    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    def _bwd_kernel(
+        h_ptr,
+        w_ptr,
+        t_ptr,
+        lse_d_ptr,
+        lse_t_ptr,
+        mask_ptr,
+        scale_ptr,
+        gh_ptr,
+        gw_ptr,
+        T,
+        V,
+        H,
+        stride_h,
+        stride_w,
+        stride_tt,
+        stride_tv,
+        BLOCK_T: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        GROUP_T: tl.constexpr,
+        COMPUTE_DH: tl.constexpr,
+        COMPUTE_DW: tl.constexpr,
+        UPCAST: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
         """One program: one [BLOCK_T, BLOCK_V] tile. Recomputes the logits, forms
         g = (softmax(draft) − softmax(teacher))·mask, and atomically adds scale·g·W into grad_hidden
         and scale·gᵀ·h into grad_weight (both fp32 [·, H] buffers), BLOCK_H columns at a time."""
@@ -293,15 +381,36 @@ if triton is not None:
         if tl.max(m, axis=0) == 0.0:
             return  # no supervised row in this tile: its gradient is zero
 
-        z = _logits_tile(h_ptr, w_ptr, offs_t, offs_v, T, V, H, stride_h, stride_w,
-                         BLOCK_T, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION)
-        t = tl.load(t_ptr + offs_t.to(tl.int64)[:, None] * stride_tt + offs_v.to(tl.int64)[None, :] * stride_tv,
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        z = _logits_tile(
+            h_ptr,
+            w_ptr,
+            offs_t,
+            offs_v,
+            T,
+            V,
+            H,
+            stride_h,
+            stride_w,
+            BLOCK_T,
+            BLOCK_V,
+            BLOCK_H,
+            UPCAST,
+            DOT_PRECISION,
+        )
+        t = tl.load(
+            t_ptr
+            + offs_t.to(tl.int64)[:, None] * stride_tt
+            + offs_v.to(tl.int64)[None, :] * stride_tv,
+            mask=row_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
         lse_d = tl.load(lse_d_ptr + offs_t, mask=row_ok, other=0.0)
         lse_t = tl.load(lse_t_ptr + offs_t, mask=row_ok, other=0.0)
         g = (tl.exp(z - lse_d[:, None]) - tl.exp(t - lse_t[:, None])) * m[:, None]
         g = tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0)
-        g = g.to(h_ptr.dtype.element_ty)  # the matmul operand dtype; |g| ≤ 1 so fp16 does not underflow
+        g = g.to(
+            h_ptr.dtype.element_ty
+        )  # the matmul operand dtype; |g| ≤ 1 so fp16 does not underflow
         if UPCAST:
             g = g.to(tl.float32)
         scale = tl.load(scale_ptr)
@@ -311,21 +420,33 @@ if triton is not None:
             kk = k0 + offs_k
             k_ok = kk < H
             if COMPUTE_DH:
-                w = tl.load(w_ptr + offs_v.to(tl.int64)[:, None] * stride_w + kk[None, :],
-                            mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(
+                    w_ptr + offs_v.to(tl.int64)[:, None] * stride_w + kk[None, :],
+                    mask=col_ok[:, None] & k_ok[None, :],
+                    other=0.0,
+                )
                 if UPCAST:
                     w = w.to(tl.float32)
                 dh = tl.dot(g, w, input_precision=DOT_PRECISION) * scale
-                tl.atomic_add(gh_ptr + offs_t.to(tl.int64)[:, None] * H + kk[None, :], dh,
-                              mask=row_ok[:, None] & k_ok[None, :])
+                tl.atomic_add(
+                    gh_ptr + offs_t.to(tl.int64)[:, None] * H + kk[None, :],
+                    dh,
+                    mask=row_ok[:, None] & k_ok[None, :],
+                )
             if COMPUTE_DW:
-                h = tl.load(h_ptr + offs_t.to(tl.int64)[:, None] * stride_h + kk[None, :],
-                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                h = tl.load(
+                    h_ptr + offs_t.to(tl.int64)[:, None] * stride_h + kk[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0,
+                )
                 if UPCAST:
                     h = h.to(tl.float32)
                 dw = tl.dot(tl.trans(g), h, input_precision=DOT_PRECISION) * scale
-                tl.atomic_add(gw_ptr + offs_v.to(tl.int64)[:, None] * H + kk[None, :], dw,
-                              mask=col_ok[:, None] & k_ok[None, :])
+                tl.atomic_add(
+                    gw_ptr + offs_v.to(tl.int64)[:, None] * H + kk[None, :],
+                    dw,
+                    mask=col_ok[:, None] & k_ok[None, :],
+                )
 
 
 def _triton_config(device, dtype):
@@ -352,7 +473,9 @@ def _num_splits(device, n_t_blocks, n_v_blocks):
     if device.type == "cuda":
         target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
-        target = 4  # under the interpreter: small enough to be quick, >1 so the combine is exercised
+        target = (
+            4  # under the interpreter: small enough to be quick, >1 so the combine is exercised
+        )
     return max(1, min(n_v_blocks, -(-target // n_t_blocks)))
 
 
@@ -374,19 +497,44 @@ class _TritonPrunedVocabLoss(torch.autograd.Function):
         i_d, i_t = (torch.empty(n_s, T, dtype=torch.int32, device=dev) for _ in range(2))
         if T > 0:
             _fwd_kernel[(n_t, n_s)](
-                hidden, weight, teacher, m_d, s_d, i_d, m_t, s_t, a_t, i_t,
-                T, V, H, hidden.stride(0), weight.stride(0), teacher.stride(0), teacher.stride(1),
+                hidden,
+                weight,
+                teacher,
+                m_d,
+                s_d,
+                i_d,
+                m_t,
+                s_t,
+                a_t,
+                i_t,
+                T,
+                V,
+                H,
+                hidden.stride(0),
+                weight.stride(0),
+                teacher.stride(0),
+                teacher.stride(1),
                 v_blocks_per_split * BV,
-                BLOCK_T=BT, BLOCK_V=BV, BLOCK_H=BH, UPCAST=interpreting(),
-                DOT_PRECISION=_dot_precision(hidden.dtype), num_warps=cfg["num_warps"], num_stages=cfg["fwd_stages"])
+                BLOCK_T=BT,
+                BLOCK_V=BV,
+                BLOCK_H=BH,
+                UPCAST=interpreting(),
+                DOT_PRECISION=_dot_precision(hidden.dtype),
+                num_warps=cfg["num_warps"],
+                num_stages=cfg["fwd_stages"],
+            )
 
         # Combine the V splits (tensors of [n_splits, T]: cheap).
-        M_d, first_d = m_d.max(0)  # torch returns the first split on ties: the lowest vocabulary index
+        M_d, first_d = m_d.max(
+            0
+        )  # torch returns the first split on ties: the lowest vocabulary index
         M_t, first_t = m_t.max(0)
         lse_d = M_d + torch.log((s_d * torch.exp(m_d - M_d)).sum(0))
         S_t = (s_t * torch.exp(m_t - M_t)).sum(0)
         lse_t = M_t + torch.log(S_t)
-        expected_logit = (a_t * torch.exp(m_t - M_t)).sum(0) / S_t  # Σ_v softmax(teacher)_v · logit_v
+        expected_logit = (a_t * torch.exp(m_t - M_t)).sum(
+            0
+        ) / S_t  # Σ_v softmax(teacher)_v · logit_v
         per_token = lse_d - expected_logit
         correct = i_d.gather(0, first_d[None])[0] == i_t.gather(0, first_t[None])[0]
 
@@ -410,11 +558,36 @@ class _TritonPrunedVocabLoss(torch.autograd.Function):
         if (need_h or need_w) and T > 0:
             dummy = torch.empty(1, dtype=torch.float32, device=dev)
             _bwd_kernel[(triton.cdiv(T, BT) * triton.cdiv(V, BV),)](
-                hidden, weight, teacher, lse_d, lse_t, mask.to(torch.float32), _loss_scale(grad_loss, mask),
-                grad_h if need_h else dummy, grad_w if need_w else dummy,
-                T, V, H, hidden.stride(0), weight.stride(0), teacher.stride(0), teacher.stride(1),
-                BLOCK_T=BT, BLOCK_V=BV, BLOCK_H=BH, GROUP_T=8, COMPUTE_DH=need_h, COMPUTE_DW=need_w,
-                UPCAST=interpreting(), DOT_PRECISION=_dot_precision(hidden.dtype),
-                num_warps=cfg["num_warps"], num_stages=cfg["bwd_stages"])
-        return (grad_h.to(hidden.dtype) if need_h else None,
-                grad_w.to(weight.dtype) if need_w else None, None, None)
+                hidden,
+                weight,
+                teacher,
+                lse_d,
+                lse_t,
+                mask.to(torch.float32),
+                _loss_scale(grad_loss, mask),
+                grad_h if need_h else dummy,
+                grad_w if need_w else dummy,
+                T,
+                V,
+                H,
+                hidden.stride(0),
+                weight.stride(0),
+                teacher.stride(0),
+                teacher.stride(1),
+                BLOCK_T=BT,
+                BLOCK_V=BV,
+                BLOCK_H=BH,
+                GROUP_T=8,
+                COMPUTE_DH=need_h,
+                COMPUTE_DW=need_w,
+                UPCAST=interpreting(),
+                DOT_PRECISION=_dot_precision(hidden.dtype),
+                num_warps=cfg["num_warps"],
+                num_stages=cfg["bwd_stages"],
+            )
+        return (
+            grad_h.to(hidden.dtype) if need_h else None,
+            grad_w.to(weight.dtype) if need_w else None,
+            None,
+            None,
+        )

@@ -19,6 +19,7 @@ Three implementations of the same math:
 Gradients: x (or residual and x) and weight; the add variant's backward adds dh and writes one
 tensor, returned for both residual and x when their dtypes match (as autograd's own add does).
 """
+
 import functools
 
 import torch
@@ -138,8 +139,21 @@ def _add_norm_backward(ctx, dh, dy, bwd):
 if triton is not None:
 
     @triton.jit
-    def _rms_fwd_kernel(X, R, W, Hout, Y, sx0, sx1, sr0, sr1, N_COLS, eps,
-                        HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    def _rms_fwd_kernel(
+        X,
+        R,
+        W,
+        Hout,
+        Y,
+        sx0,
+        sx1,
+        sr0,
+        sr1,
+        N_COLS,
+        eps,
+        HAS_RES: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         """One row. HAS_RES: h = X + R is stored to Hout and normalised. Hout, Y contiguous."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
@@ -159,10 +173,28 @@ if triton is not None:
         tl.store(Y + row * N_COLS + cols, (w * n).to(Y.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _rms_bwd_kernel(X, W, DY, DH, DX, DWP, sx0, sx1, sdy0, sdy1, sdh0, sdh1,
-                        N_ROWS, N_COLS, ROWS_PER_PROG, eps,
-                        HAS_DH: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
-                        BLOCK: tl.constexpr):
+    def _rms_bwd_kernel(
+        X,
+        W,
+        DY,
+        DH,
+        DX,
+        DWP,
+        sx0,
+        sx1,
+        sdy0,
+        sdy1,
+        sdh0,
+        sdh1,
+        N_ROWS,
+        N_COLS,
+        ROWS_PER_PROG,
+        eps,
+        HAS_DH: tl.constexpr,
+        NEED_DX: tl.constexpr,
+        NEED_DW: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         """Rows [pid·ROWS_PER_PROG, …) one at a time; this program's dweight partial to DWP[pid].
         DX contiguous."""
         pid = tl.program_id(0)
@@ -228,9 +260,20 @@ def _triton_fwd(x, residual, weight, eps, h_dtype, y_dtype):
     x2 = _rows(x, H)
     if x2.shape[0]:
         r2 = _rows(residual, H) if residual is not None else x2
-        _rms_fwd_kernel[(x2.shape[0],)](x2, r2, weight, h if h is not None else y, y,
-                                        *x2.stride(), *r2.stride(), H, eps,
-                                        HAS_RES=residual is not None, BLOCK=block, num_warps=warps)
+        _rms_fwd_kernel[(x2.shape[0],)](
+            x2,
+            r2,
+            weight,
+            h if h is not None else y,
+            y,
+            *x2.stride(),
+            *r2.stride(),
+            H,
+            eps,
+            HAS_RES=residual is not None,
+            BLOCK=block,
+            num_warps=warps,
+        )
     return h, y
 
 
@@ -245,11 +288,26 @@ def _triton_bwd(x, weight, eps, dy, dh, need_dx, need_dw, dx_dtype):
     P = _bwd_programs(N, x.device, need_dw)
     dwp = torch.empty(P, H, dtype=torch.float32, device=x.device) if need_dw else None
     if N and (need_dx or need_dw):
-        _rms_bwd_kernel[(P,)](x2, weight, dy2, dh2, dx if need_dx else x2, dwp if need_dw else x2,
-                              *x2.stride(), *dy2.stride(), *dh2.stride(),
-                              N, H, triton.cdiv(N, P), eps,
-                              HAS_DH=dh is not None, NEED_DX=need_dx, NEED_DW=need_dw,
-                              BLOCK=block, num_warps=warps)
+        _rms_bwd_kernel[(P,)](
+            x2,
+            weight,
+            dy2,
+            dh2,
+            dx if need_dx else x2,
+            dwp if need_dw else x2,
+            *x2.stride(),
+            *dy2.stride(),
+            *dh2.stride(),
+            N,
+            H,
+            triton.cdiv(N, P),
+            eps,
+            HAS_DH=dh is not None,
+            NEED_DX=need_dx,
+            NEED_DW=need_dw,
+            BLOCK=block,
+            num_warps=warps,
+        )
     dw = None
     if need_dw:
         dw = dwp.sum(0).to(weight.dtype) if N else torch.zeros_like(weight)
@@ -277,8 +335,9 @@ class _AddRMSNormTriton(torch.autograd.Function):
     def forward(ctx, residual, x, weight, eps):
         weight = weight.contiguous()
         h_dtype = torch.promote_types(residual.dtype, x.dtype)
-        h, y = _triton_fwd(x, residual, weight, eps, h_dtype,
-                           torch.promote_types(weight.dtype, h_dtype))
+        h, y = _triton_fwd(
+            x, residual, weight, eps, h_dtype, torch.promote_types(weight.dtype, h_dtype)
+        )
         ctx.save_for_backward(h, weight)
         ctx.eps, ctx.dtypes = eps, (residual.dtype, x.dtype)
         ctx.set_materialize_grads(False)

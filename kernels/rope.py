@@ -22,6 +22,7 @@ Three implementations of the same math:
 - torch (CPU, any device): half-width tables [B, T, D/2] and the two half products written into
   the output, no rotated copy.
 """
+
 import torch
 
 from ._dispatch import choose_backend, interpreting, triton_available
@@ -91,9 +92,30 @@ class _RoPETorch(torch.autograd.Function):
 if triton is not None:
 
     @triton.jit
-    def _rope_kernel(X, Y, P, F, sx_b, sx_h, sx_t, sx_d, sy_b, sy_h, sy_t, sy_d, sp_b, sp_t,
-                     T, NH, HALF, offset, scaling,
-                     BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    def _rope_kernel(
+        X,
+        Y,
+        P,
+        F,
+        sx_b,
+        sx_h,
+        sx_t,
+        sx_d,
+        sy_b,
+        sy_h,
+        sy_t,
+        sy_d,
+        sp_b,
+        sp_t,
+        T,
+        NH,
+        HALF,
+        offset,
+        scaling,
+        BACKWARD: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_HALF: tl.constexpr,
+    ):
         """Token (b, t) = divmod(pid, T), all heads, BLOCK_H heads at a time. BACKWARD rotates by −θ
         (the transpose of the rotation)."""
         pid = tl.program_id(0)
@@ -118,8 +140,11 @@ if triton is not None:
             x1 = tl.load(x1p, mask=ok, other=0.0).to(tl.float32)
             x2 = tl.load(x1p + HALF * sx_d, mask=ok, other=0.0).to(tl.float32)
             tl.store(y1p, (x1 * c[None, :] - x2 * s[None, :]).to(Y.dtype.element_ty), mask=ok)
-            tl.store(y1p + HALF * sy_d, (x2 * c[None, :] + x1 * s[None, :]).to(Y.dtype.element_ty),
-                     mask=ok)
+            tl.store(
+                y1p + HALF * sy_d,
+                (x2 * c[None, :] + x1 * s[None, :]).to(Y.dtype.element_ty),
+                mask=ok,
+            )
 
 
 def _block_h(nh, half_block, interpret):
@@ -136,10 +161,24 @@ def _triton_rotate(x, positions, inv_freq, scaling, offset, backward):
     if y.numel():
         half_block = triton.next_power_of_2(D // 2)
         block_h = _block_h(NH, half_block, interpreting())
-        _rope_kernel[(B * T,)](x, y, positions, inv_freq, *x.stride(), *y.stride(),
-                               *positions.stride(), T, NH, D // 2, offset, scaling,
-                               BACKWARD=backward, BLOCK_H=block_h, BLOCK_HALF=half_block,
-                               num_warps=4)
+        _rope_kernel[(B * T,)](
+            x,
+            y,
+            positions,
+            inv_freq,
+            *x.stride(),
+            *y.stride(),
+            *positions.stride(),
+            T,
+            NH,
+            D // 2,
+            offset,
+            scaling,
+            BACKWARD=backward,
+            BLOCK_H=block_h,
+            BLOCK_HALF=half_block,
+            num_warps=4,
+        )
     return y
 
 
@@ -154,8 +193,13 @@ class _RoPETriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         positions, inv_freq = ctx.saved_tensors
-        return (_triton_rotate(dy, positions, inv_freq, ctx.scaling, ctx.offset, True),
-                None, None, None, None)
+        return (
+            _triton_rotate(dy, positions, inv_freq, ctx.scaling, ctx.offset, True),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 # --------------------------------------------------------------------------------------------------

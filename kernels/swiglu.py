@@ -11,6 +11,7 @@ Three implementations of the same math:
   only the outputs. Either fast path keeps only gate and up for the backward (autograd through the
   reference also keeps silu(gate)).
 """
+
 import torch
 import torch.nn.functional as F
 
@@ -70,8 +71,23 @@ if triton is not None:
         tl.store(Y + row * N_COLS + cols, y.to(Y.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _swiglu_bwd_kernel(G, U, DY, DG, DU, sg0, sg1, su0, su1, sdy0, sdy1, N_COLS,
-                           NEED_DG: tl.constexpr, NEED_DU: tl.constexpr, BLOCK: tl.constexpr):
+    def _swiglu_bwd_kernel(
+        G,
+        U,
+        DY,
+        DG,
+        DU,
+        sg0,
+        sg1,
+        su0,
+        su1,
+        sdy0,
+        sdy1,
+        N_COLS,
+        NEED_DG: tl.constexpr,
+        NEED_DU: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         """DG, DU contiguous; σ(g) recomputed (cheaper than a stored tensor's bytes)."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -99,12 +115,14 @@ class _SwiGLUTriton(torch.autograd.Function):
     def forward(ctx, gate, up):
         width = gate.shape[-1]
         g2, u2 = gate.reshape(-1, width), up.reshape(-1, width)
-        y = torch.empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype),
-                        device=gate.device)
+        y = torch.empty(
+            gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device
+        )
         if y.numel():
             grid, block = _grid(g2.shape[0], width)
-            _swiglu_fwd_kernel[grid](g2, u2, y, *g2.stride(), *u2.stride(), width, BLOCK=block,
-                                     num_warps=4)
+            _swiglu_fwd_kernel[grid](
+                g2, u2, y, *g2.stride(), *u2.stride(), width, BLOCK=block, num_warps=4
+            )
         ctx.save_for_backward(gate, up)
         return y
 
@@ -118,9 +136,21 @@ class _SwiGLUTriton(torch.autograd.Function):
         du = torch.empty(up.shape, dtype=up.dtype, device=up.device) if need_du else None
         if g2.numel() and (need_dg or need_du):
             grid, block = _grid(g2.shape[0], width)
-            _swiglu_bwd_kernel[grid](g2, u2, dy2, dg if need_dg else g2, du if need_du else g2,
-                                     *g2.stride(), *u2.stride(), *dy2.stride(), width,
-                                     NEED_DG=need_dg, NEED_DU=need_du, BLOCK=block, num_warps=4)
+            _swiglu_bwd_kernel[grid](
+                g2,
+                u2,
+                dy2,
+                dg if need_dg else g2,
+                du if need_du else g2,
+                *g2.stride(),
+                *u2.stride(),
+                *dy2.stride(),
+                width,
+                NEED_DG=need_dg,
+                NEED_DU=need_du,
+                BLOCK=block,
+                num_warps=4,
+            )
         return dg, du
 
 

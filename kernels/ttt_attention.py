@@ -29,6 +29,7 @@ counter, which would trip autograd's in-place check although the slices read her
 dense reference has no such limit, so neither may we). The caller must not overwrite keys[0:S] /
 values[0:S] before the backward has run.
 """
+
 import torch
 
 from ._dispatch import interpreting, log_once, triton_available
@@ -37,7 +38,9 @@ try:
     import triton
     import triton.language as tl
     from triton.runtime.errors import OutOfResources
-except ImportError:  # specfast.kernels must import on machines without Triton; the torch path remains
+except (
+    ImportError
+):  # specfast.kernels must import on machines without Triton; the torch path remains
     triton = None
 
 _LOG2E = 1.4426950408889634
@@ -48,7 +51,7 @@ def ttt_attention_reference(q, keys, values, doc_ids=None, scale=None):
     S, B, Hkv, L, D = keys.shape
     Hq = q.shape[1]
     assert Hq % Hkv == 0, f"Hq={Hq} is not a multiple of Hkv={Hkv}"
-    scale = D ** -0.5 if scale is None else scale
+    scale = D**-0.5 if scale is None else scale
     g = Hq // Hkv
     k = keys.float().repeat_interleave(g, dim=2).permute(1, 2, 0, 3, 4).reshape(B, Hq, S * L, D)
     v = values.float().repeat_interleave(g, dim=2).permute(1, 2, 0, 3, 4).reshape(B, Hq, S * L, D)
@@ -88,7 +91,9 @@ def _doc_runs(doc_ids):
 def _check(q, keys, values, doc_ids):
     assert keys.dim() == 5 and values.shape == keys.shape, "keys, values: [S, B, Hkv, L, D]"
     S, B, Hkv, L, D = keys.shape
-    assert q.shape[0] == B and q.shape[2:] == (L, D), f"q {tuple(q.shape)} vs keys {tuple(keys.shape)}"
+    assert q.shape[0] == B and q.shape[2:] == (L, D), (
+        f"q {tuple(q.shape)} vs keys {tuple(keys.shape)}"
+    )
     assert q.shape[1] % Hkv == 0, f"Hq={q.shape[1]} is not a multiple of Hkv={Hkv}"
     assert S >= 1
     if doc_ids is not None:
@@ -102,14 +107,42 @@ if triton is not None:
 
     @triton.jit
     def _ttt_fwd_kernel(
-        Q, K, V, Out, Lse, Start,
-        sq_b, sq_h, sq_l, sq_d,
-        sk_s, sk_b, sk_h, sk_l, sk_d,
-        sv_s, sv_b, sv_h, sv_l, sv_d,
-        so_b, so_h, so_l, so_d,
-        S, Hq, L, D, GROUP, scale_log2,
-        HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        Q,
+        K,
+        V,
+        Out,
+        Lse,
+        Start,
+        sq_b,
+        sq_h,
+        sq_l,
+        sq_d,
+        sk_s,
+        sk_b,
+        sk_h,
+        sk_l,
+        sk_d,
+        sv_s,
+        sv_b,
+        sv_h,
+        sv_l,
+        sv_d,
+        so_b,
+        so_h,
+        so_l,
+        so_d,
+        S,
+        Hq,
+        L,
+        D,
+        GROUP,
+        scale_log2,
+        HAS_DOCS: tl.constexpr,
+        UPCAST: tl.constexpr,
+        DOT_PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -122,8 +155,11 @@ if triton is not None:
         row_ok = rows < L
         d_ok = offs_d < D
 
-        q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_l + offs_d[None, :] * sq_d,
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        q = tl.load(
+            Q + b * sq_b + h * sq_h + rows[:, None] * sq_l + offs_d[None, :] * sq_d,
+            mask=row_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
         if UPCAST:  # the interpreter gets low-precision arithmetic wrong
             q = q.to(tl.float32)
         k_base = K + b * sk_b + hk * sk_h
@@ -131,7 +167,9 @@ if triton is not None:
 
         if HAS_DOCS:
             row_start = tl.load(Start + b * L + rows, mask=row_ok, other=0)
-            lo = (tl.load(Start + b * L + pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N  # starts are non-decreasing
+            lo = (
+                tl.load(Start + b * L + pid_m * BLOCK_M) // BLOCK_N
+            ) * BLOCK_N  # starts are non-decreasing
         else:
             row_start = tl.zeros([BLOCK_M], dtype=tl.int32)
             lo = 0
@@ -146,15 +184,25 @@ if triton is not None:
         for n0 in range(lo, hi, BLOCK_N):
             cols = n0 + offs_n
             col_ok = cols < L
-            k = tl.load(k_base + cols[:, None] * sk_l + offs_d[None, :] * sk_d,
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            v = tl.load(v_base + cols[:, None] * sv_l + offs_d[None, :] * sv_d,
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            k = tl.load(
+                k_base + cols[:, None] * sk_l + offs_d[None, :] * sk_d,
+                mask=col_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            v = tl.load(
+                v_base + cols[:, None] * sv_l + offs_d[None, :] * sv_d,
+                mask=col_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
             if UPCAST:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
-            valid = (cols[None, :] <= rows[:, None]) & (cols[None, :] >= row_start[:, None]) & col_ok[None, :]
+            valid = (
+                (cols[None, :] <= rows[:, None])
+                & (cols[None, :] >= row_start[:, None])
+                & col_ok[None, :]
+            )
             s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.math.exp2(m_i - m_new)
@@ -166,10 +214,16 @@ if triton is not None:
         # Steps 1..S-1: one key per row, a row-local dot product each.
         qf = q.to(tl.float32)
         for s_idx in range(1, S):
-            ks = tl.load(k_base + s_idx * sk_s + rows[:, None] * sk_l + offs_d[None, :] * sk_d,
-                         mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            vs = tl.load(v_base + s_idx * sv_s + rows[:, None] * sv_l + offs_d[None, :] * sv_d,
-                         mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            ks = tl.load(
+                k_base + s_idx * sk_s + rows[:, None] * sk_l + offs_d[None, :] * sk_d,
+                mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            vs = tl.load(
+                v_base + s_idx * sv_s + rows[:, None] * sv_l + offs_d[None, :] * sv_d,
+                mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
             sd = tl.sum(qf * ks, 1) * scale_log2
             m_new = tl.maximum(m_i, sd)
             alpha = tl.math.exp2(m_i - m_new)
@@ -179,20 +233,54 @@ if triton is not None:
             m_i = m_new
 
         acc = acc / l_i[:, None]
-        tl.store(Out + b * so_b + h * so_h + rows[:, None] * so_l + offs_d[None, :] * so_d,
-                 acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(
+            Out + b * so_b + h * so_h + rows[:, None] * so_l + offs_d[None, :] * so_d,
+            acc.to(Out.dtype.element_ty),
+            mask=row_ok[:, None] & d_ok[None, :],
+        )
         tl.store(Lse + (b * Hq + h) * L + rows, m_i + tl.math.log2(l_i), mask=row_ok)  # base 2
 
     @triton.jit
     def _ttt_bwd_dq_kernel(
-        Q, K, V, DO, DQ, Lse, Delta, Start,
-        sq_b, sq_h, sq_l, sq_d,
-        sk_s, sk_b, sk_h, sk_l, sk_d,
-        sv_s, sv_b, sv_h, sv_l, sv_d,
-        sdo_b, sdo_h, sdo_l, sdo_d,
-        S, Hq, L, D, GROUP, scale, scale_log2,
-        HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        Q,
+        K,
+        V,
+        DO,
+        DQ,
+        Lse,
+        Delta,
+        Start,
+        sq_b,
+        sq_h,
+        sq_l,
+        sq_d,
+        sk_s,
+        sk_b,
+        sk_h,
+        sk_l,
+        sk_d,
+        sv_s,
+        sv_b,
+        sv_h,
+        sv_l,
+        sv_d,
+        sdo_b,
+        sdo_h,
+        sdo_l,
+        sdo_d,
+        S,
+        Hq,
+        L,
+        D,
+        GROUP,
+        scale,
+        scale_log2,
+        HAS_DOCS: tl.constexpr,
+        UPCAST: tl.constexpr,
+        DOT_PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         """dq for one query block of one head; DQ is contiguous [B, Hq, L, D]."""
         pid_m = tl.program_id(0)
@@ -207,9 +295,16 @@ if triton is not None:
         d_ok = offs_d < D
         rd_mask = row_ok[:, None] & d_ok[None, :]
 
-        q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_l + offs_d[None, :] * sq_d, mask=rd_mask, other=0.0)
-        do = tl.load(DO + b * sdo_b + h * sdo_h + rows[:, None] * sdo_l + offs_d[None, :] * sdo_d,
-                     mask=rd_mask, other=0.0)
+        q = tl.load(
+            Q + b * sq_b + h * sq_h + rows[:, None] * sq_l + offs_d[None, :] * sq_d,
+            mask=rd_mask,
+            other=0.0,
+        )
+        do = tl.load(
+            DO + b * sdo_b + h * sdo_h + rows[:, None] * sdo_l + offs_d[None, :] * sdo_d,
+            mask=rd_mask,
+            other=0.0,
+        )
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
@@ -230,15 +325,25 @@ if triton is not None:
         for n0 in range(lo, hi, BLOCK_N):
             cols = n0 + offs_n
             col_ok = cols < L
-            k = tl.load(k_base + cols[:, None] * sk_l + offs_d[None, :] * sk_d,
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            v = tl.load(v_base + cols[:, None] * sv_l + offs_d[None, :] * sv_d,
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            k = tl.load(
+                k_base + cols[:, None] * sk_l + offs_d[None, :] * sk_d,
+                mask=col_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            v = tl.load(
+                v_base + cols[:, None] * sv_l + offs_d[None, :] * sv_d,
+                mask=col_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
             if UPCAST:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
-            valid = (cols[None, :] <= rows[:, None]) & (cols[None, :] >= row_start[:, None]) & col_ok[None, :]
+            valid = (
+                (cols[None, :] <= rows[:, None])
+                & (cols[None, :] >= row_start[:, None])
+                & col_ok[None, :]
+            )
             p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             ds = p * (dp - delta[:, None])
@@ -247,27 +352,70 @@ if triton is not None:
         qf = q.to(tl.float32)
         dof = do.to(tl.float32)
         for s_idx in range(1, S):
-            ks = tl.load(k_base + s_idx * sk_s + rows[:, None] * sk_l + offs_d[None, :] * sk_d,
-                         mask=rd_mask, other=0.0).to(tl.float32)
-            vs = tl.load(v_base + s_idx * sv_s + rows[:, None] * sv_l + offs_d[None, :] * sv_d,
-                         mask=rd_mask, other=0.0).to(tl.float32)
+            ks = tl.load(
+                k_base + s_idx * sk_s + rows[:, None] * sk_l + offs_d[None, :] * sk_d,
+                mask=rd_mask,
+                other=0.0,
+            ).to(tl.float32)
+            vs = tl.load(
+                v_base + s_idx * sv_s + rows[:, None] * sv_l + offs_d[None, :] * sv_d,
+                mask=rd_mask,
+                other=0.0,
+            ).to(tl.float32)
             p = tl.math.exp2(tl.sum(qf * ks, 1) * scale_log2 - lse)
             ds = p * (tl.sum(dof * vs, 1) - delta)
             dq += ds[:, None] * ks
 
-        tl.store(DQ + ((b * Hq + h) * L + rows[:, None]) * D + offs_d[None, :],
-                 (dq * scale).to(DQ.dtype.element_ty), mask=rd_mask)
+        tl.store(
+            DQ + ((b * Hq + h) * L + rows[:, None]) * D + offs_d[None, :],
+            (dq * scale).to(DQ.dtype.element_ty),
+            mask=rd_mask,
+        )
 
     @triton.jit
     def _ttt_bwd_dkdv_kernel(
-        Q, K, V, DO, DK, DV, Lse, Delta, Start, End,
-        sq_b, sq_h, sq_l, sq_d,
-        sk_s, sk_b, sk_h, sk_l, sk_d,
-        sv_s, sv_b, sv_h, sv_l, sv_d,
-        sdo_b, sdo_h, sdo_l, sdo_d,
-        S, B, Hkv, L, D, GROUP, scale, scale_log2,
-        HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        Q,
+        K,
+        V,
+        DO,
+        DK,
+        DV,
+        Lse,
+        Delta,
+        Start,
+        End,
+        sq_b,
+        sq_h,
+        sq_l,
+        sq_d,
+        sk_s,
+        sk_b,
+        sk_h,
+        sk_l,
+        sk_d,
+        sv_s,
+        sv_b,
+        sv_h,
+        sv_l,
+        sv_d,
+        sdo_b,
+        sdo_h,
+        sdo_l,
+        sdo_d,
+        S,
+        B,
+        Hkv,
+        L,
+        D,
+        GROUP,
+        scale,
+        scale_log2,
+        HAS_DOCS: tl.constexpr,
+        UPCAST: tl.constexpr,
+        DOT_PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         """dk, dv of all S steps for one key block of one KV head, summed over its GQA group of query
         heads inside the program (no atomics). DK, DV are contiguous [S, B, Hkv, L, D]."""
@@ -307,10 +455,16 @@ if triton is not None:
                 rows = m0 + offs_m
                 row_ok = rows < L
                 rd_mask = row_ok[:, None] & d_ok[None, :]
-                q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_l + offs_d[None, :] * sq_d,
-                            mask=rd_mask, other=0.0)
-                do = tl.load(DO + b * sdo_b + h * sdo_h + rows[:, None] * sdo_l + offs_d[None, :] * sdo_d,
-                             mask=rd_mask, other=0.0)
+                q = tl.load(
+                    Q + b * sq_b + h * sq_h + rows[:, None] * sq_l + offs_d[None, :] * sq_d,
+                    mask=rd_mask,
+                    other=0.0,
+                )
+                do = tl.load(
+                    DO + b * sdo_b + h * sdo_h + rows[:, None] * sdo_l + offs_d[None, :] * sdo_d,
+                    mask=rd_mask,
+                    other=0.0,
+                )
                 if UPCAST:
                     q = q.to(tl.float32)
                     do = do.to(tl.float32)
@@ -322,7 +476,11 @@ if triton is not None:
                     row_start = tl.zeros([BLOCK_M], dtype=tl.int32)
                 # transposed tile: keys along dim 0, queries along dim 1
                 sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2
-                valid = (rows[None, :] >= cols[:, None]) & (cols[:, None] >= row_start[None, :]) & row_ok[None, :]
+                valid = (
+                    (rows[None, :] >= cols[:, None])
+                    & (cols[:, None] >= row_start[None, :])
+                    & row_ok[None, :]
+                )
                 pT = tl.where(valid, tl.math.exp2(sT - lse[None, :]), 0.0)
                 dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
                 dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
@@ -336,24 +494,38 @@ if triton is not None:
         # Steps 1..S-1: key i of step s is seen by query i only, so these rows are the query rows.
         step = B * Hkv * L * D
         for s_idx in range(1, S):
-            ks = tl.load(k_base + s_idx * sk_s + cols[:, None] * sk_l + offs_d[None, :] * sk_d,
-                         mask=cd_mask, other=0.0).to(tl.float32)
-            vs = tl.load(v_base + s_idx * sv_s + cols[:, None] * sv_l + offs_d[None, :] * sv_d,
-                         mask=cd_mask, other=0.0).to(tl.float32)
+            ks = tl.load(
+                k_base + s_idx * sk_s + cols[:, None] * sk_l + offs_d[None, :] * sk_d,
+                mask=cd_mask,
+                other=0.0,
+            ).to(tl.float32)
+            vs = tl.load(
+                v_base + s_idx * sv_s + cols[:, None] * sv_l + offs_d[None, :] * sv_d,
+                mask=cd_mask,
+                other=0.0,
+            ).to(tl.float32)
             dks = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             dvs = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             for g in range(GROUP):
                 h = hk * GROUP + g
-                q = tl.load(Q + b * sq_b + h * sq_h + cols[:, None] * sq_l + offs_d[None, :] * sq_d,
-                            mask=cd_mask, other=0.0).to(tl.float32)
-                do = tl.load(DO + b * sdo_b + h * sdo_h + cols[:, None] * sdo_l + offs_d[None, :] * sdo_d,
-                             mask=cd_mask, other=0.0).to(tl.float32)
+                q = tl.load(
+                    Q + b * sq_b + h * sq_h + cols[:, None] * sq_l + offs_d[None, :] * sq_d,
+                    mask=cd_mask,
+                    other=0.0,
+                ).to(tl.float32)
+                do = tl.load(
+                    DO + b * sdo_b + h * sdo_h + cols[:, None] * sdo_l + offs_d[None, :] * sdo_d,
+                    mask=cd_mask,
+                    other=0.0,
+                ).to(tl.float32)
                 lse = tl.load(Lse + (b * Hq + h) * L + cols, mask=col_ok, other=0.0)
                 delta = tl.load(Delta + (b * Hq + h) * L + cols, mask=col_ok, other=0.0)
                 p = tl.math.exp2(tl.sum(q * ks, 1) * scale_log2 - lse)
                 dvs += p[:, None] * do
                 dks += (p * (tl.sum(do * vs, 1) - delta))[:, None] * q
-            tl.store(DK + s_idx * step + out_base, (dks * scale).to(DK.dtype.element_ty), mask=cd_mask)
+            tl.store(
+                DK + s_idx * step + out_base, (dks * scale).to(DK.dtype.element_ty), mask=cd_mask
+            )
             tl.store(DV + s_idx * step + out_base, dvs.to(DV.dtype.element_ty), mask=cd_mask)
 
 
@@ -393,12 +565,17 @@ def _launch(kernel, kind, grid_of, args, consts, dtype, D, interpret):
     global _use_small
     bm, bn, warps, stages = _tiles(kind, dtype, D, interpret)
     try:
-        kernel[grid_of(bm, bn)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        kernel[grid_of(bm, bn)](
+            *args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages
+        )
     except OutOfResources:
         if _use_small or interpret:
             raise
         _use_small = True
-        log_once("ttt_attention.small_tiles", "ttt_attention: GPU lacks shared memory for the default tiles; using small ones")
+        log_once(
+            "ttt_attention.small_tiles",
+            "ttt_attention: GPU lacks shared memory for the default tiles; using small ones",
+        )
         _launch(kernel, kind, grid_of, args, consts, dtype, D, interpret)
 
 
@@ -423,12 +600,40 @@ class _TTTAttentionTriton(torch.autograd.Function):
             start = end = torch.zeros(1, dtype=torch.int32, device=q.device)  # unused
         out = torch.empty(B, Hq, L, D, dtype=q.dtype, device=q.device)
         lse = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
-        consts = dict(HAS_DOCS=has_docs, UPCAST=interpret, DOT_PREC=_dot_precision(q.dtype),
-                      BLOCK_D=max(16, triton.next_power_of_2(D)))
-        args = (q, keys, values, out, lse, start,
-                *q.stride(), *keys.stride(), *values.stride(), *out.stride(),
-                S, Hq, L, D, Hq // Hkv, scale * _LOG2E)
-        _launch(_ttt_fwd_kernel, "fwd", lambda bm, bn: (triton.cdiv(L, bm), B * Hq), args, consts, q.dtype, D, interpret)
+        consts = dict(
+            HAS_DOCS=has_docs,
+            UPCAST=interpret,
+            DOT_PREC=_dot_precision(q.dtype),
+            BLOCK_D=max(16, triton.next_power_of_2(D)),
+        )
+        args = (
+            q,
+            keys,
+            values,
+            out,
+            lse,
+            start,
+            *q.stride(),
+            *keys.stride(),
+            *values.stride(),
+            *out.stride(),
+            S,
+            Hq,
+            L,
+            D,
+            Hq // Hkv,
+            scale * _LOG2E,
+        )
+        _launch(
+            _ttt_fwd_kernel,
+            "fwd",
+            lambda bm, bn: (triton.cdiv(L, bm), B * Hq),
+            args,
+            consts,
+            q.dtype,
+            D,
+            interpret,
+        )
 
         ctx.save_for_backward(q, out, lse, start, end)
         ctx.keys, ctx.values = keys, values  # by reference: see the module docstring
@@ -447,17 +652,70 @@ class _TTTAttentionTriton(torch.autograd.Function):
         dq = torch.empty(B, Hq, L, D, dtype=q.dtype, device=q.device)
         dk = torch.empty(S, B, Hkv, L, D, dtype=keys.dtype, device=q.device)
         dv = torch.empty(S, B, Hkv, L, D, dtype=values.dtype, device=q.device)
-        consts = dict(HAS_DOCS=ctx.has_docs, UPCAST=interpret, DOT_PREC=_dot_precision(q.dtype),
-                      BLOCK_D=max(16, triton.next_power_of_2(D)))
+        consts = dict(
+            HAS_DOCS=ctx.has_docs,
+            UPCAST=interpret,
+            DOT_PREC=_dot_precision(q.dtype),
+            BLOCK_D=max(16, triton.next_power_of_2(D)),
+        )
         strides = (*q.stride(), *keys.stride(), *values.stride(), *dout.stride())
-        _launch(_ttt_bwd_dq_kernel, "dq", lambda bm, bn: (triton.cdiv(L, bm), B * Hq),
-                (q, keys, values, dout, dq, lse, delta, start, *strides,
-                 S, Hq, L, D, Hq // Hkv, scale, scale * _LOG2E),
-                consts, q.dtype, D, interpret)
-        _launch(_ttt_bwd_dkdv_kernel, "dkdv", lambda bm, bn: (triton.cdiv(L, bn), B * Hkv),
-                (q, keys, values, dout, dk, dv, lse, delta, start, end, *strides,
-                 S, B, Hkv, L, D, Hq // Hkv, scale, scale * _LOG2E),
-                consts, q.dtype, D, interpret)
+        _launch(
+            _ttt_bwd_dq_kernel,
+            "dq",
+            lambda bm, bn: (triton.cdiv(L, bm), B * Hq),
+            (
+                q,
+                keys,
+                values,
+                dout,
+                dq,
+                lse,
+                delta,
+                start,
+                *strides,
+                S,
+                Hq,
+                L,
+                D,
+                Hq // Hkv,
+                scale,
+                scale * _LOG2E,
+            ),
+            consts,
+            q.dtype,
+            D,
+            interpret,
+        )
+        _launch(
+            _ttt_bwd_dkdv_kernel,
+            "dkdv",
+            lambda bm, bn: (triton.cdiv(L, bn), B * Hkv),
+            (
+                q,
+                keys,
+                values,
+                dout,
+                dk,
+                dv,
+                lse,
+                delta,
+                start,
+                end,
+                *strides,
+                S,
+                B,
+                Hkv,
+                L,
+                D,
+                Hq // Hkv,
+                scale,
+                scale * _LOG2E,
+            ),
+            consts,
+            q.dtype,
+            D,
+            interpret,
+        )
         return dq, dk, dv, None, None
 
 
@@ -478,7 +736,7 @@ def _segments(doc_ids, B, L):
 
 def _piece(x, b, s0, s1):
     """Rows [s0, s1) of batch b (all batches when b is None) of a [B, H, L, D] or [B, H, L] tensor."""
-    x = x if b is None else x[b:b + 1]
+    x = x if b is None else x[b : b + 1]
     return x[:, :, s0:s1]
 
 
@@ -524,8 +782,12 @@ class _TTTAttentionTorch(torch.autograd.Function):
         # Merge with the diagonal terms through the LSE; head index h = hk·g + j.
         qg = q.float().reshape(B, Hkv, g, L, D)
         d = torch.einsum("bkgld,sbkld->sbkgl", qg, keys[1:].float()) * scale  # [S-1, B, Hkv, g, L]
-        lse_all = torch.cat([lse_c.reshape(1, B, Hkv, g, L), d], dim=0).logsumexp(dim=0)  # [B, Hkv, g, L]
-        out = torch.exp(lse_c.reshape(B, Hkv, g, L) - lse_all)[..., None] * out_c.float().reshape(B, Hkv, g, L, D)
+        lse_all = torch.cat([lse_c.reshape(1, B, Hkv, g, L), d], dim=0).logsumexp(
+            dim=0
+        )  # [B, Hkv, g, L]
+        out = torch.exp(lse_c.reshape(B, Hkv, g, L) - lse_all)[..., None] * out_c.float().reshape(
+            B, Hkv, g, L, D
+        )
         out = out + torch.einsum("sbkgl,sbkld->bkgld", torch.exp(d - lse_all), values[1:].float())
         out = out.reshape(B, Hq, L, D).to(q.dtype)
         lse_all = lse_all.reshape(B, Hq, L)
@@ -560,9 +822,13 @@ class _TTTAttentionTorch(torch.autograd.Function):
             dog = dout.float().reshape(B, Hkv, g, L, D)
             ks, vs = keys[1:].float(), values[1:].float()
             delta = (dog * out.float().reshape(B, Hkv, g, L, D)).sum(-1)  # [B, Hkv, g, L]
-            p = torch.exp(torch.einsum("bkgld,sbkld->sbkgl", qg, ks) * scale - lse_all.reshape(B, Hkv, g, L))
+            p = torch.exp(
+                torch.einsum("bkgld,sbkld->sbkgl", qg, ks) * scale - lse_all.reshape(B, Hkv, g, L)
+            )
             ds = p * (torch.einsum("bkgld,sbkld->sbkgl", dog, vs) - delta)
-            dq = (dq.float() + scale * torch.einsum("sbkgl,sbkld->bkgld", ds, ks).reshape(B, Hq, L, D)).to(q.dtype)
+            dq = (
+                dq.float() + scale * torch.einsum("sbkgl,sbkld->bkgld", ds, ks).reshape(B, Hq, L, D)
+            ).to(q.dtype)
             dk[1:] = scale * torch.einsum("sbkgl,bkgld->sbkld", ds, qg)
             dv[1:] = torch.einsum("sbkgl,bkgld->sbkld", p, dog)
         return dq, dk, dv, None, None
@@ -586,10 +852,15 @@ def ttt_attention(q, keys, values, doc_ids=None, scale=None, *, backend="auto"):
             backend = "torch"
         else:
             backend = "reference"
-        log_once(f"ttt_attention.{q.device.type}.{backend}",
-                 f"ttt_attention: {backend} path on {q.device.type}"
-                 + (" (no Triton kernel or CPU flash path for this device: dense reference)"
-                    if backend == "reference" else ""))
+        log_once(
+            f"ttt_attention.{q.device.type}.{backend}",
+            f"ttt_attention: {backend} path on {q.device.type}"
+            + (
+                " (no Triton kernel or CPU flash path for this device: dense reference)"
+                if backend == "reference"
+                else ""
+            ),
+        )
     if backend == "reference":
         return ttt_attention_reference(q, keys, values, doc_ids, scale)
     if backend == "triton":
@@ -600,6 +871,8 @@ def ttt_attention(q, keys, values, doc_ids=None, scale=None, *, backend="auto"):
         return _TTTAttentionTriton.apply(q, keys, values, doc_ids, scale)
     if backend == "torch":
         if q.device.type != "cpu":
-            raise RuntimeError("ttt_attention: backend='torch' is the CPU path; use 'triton' on CUDA")
+            raise RuntimeError(
+                "ttt_attention: backend='torch' is the CPU path; use 'triton' on CUDA"
+            )
         return _TTTAttentionTorch.apply(q, keys, values, doc_ids, scale)
     raise ValueError(f"ttt_attention: unknown backend {backend!r}")

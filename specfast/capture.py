@@ -7,6 +7,7 @@ The shard folder is self-contained: besides the shards and manifest it holds the
 out — exactly the samples, in the same order, that online training draws from, so offline and online
 runs with the same seed see the same batches. Killed at any moment, it resumes where it stopped.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,9 +26,17 @@ from specfast.targets import load_target
 log = logging.getLogger("specfast")
 
 
-def capture(data_dir: str | Path, out: str | Path, target_name: str, batch_tokens: int = 2048,
-            dtype: str = "bfloat16", device: str = "cpu", shard_tokens: int | None = None,
-            aux_layer_ids: list[int] | None = None, progress: bool = True) -> dict:
+def capture(
+    data_dir: str | Path,
+    out: str | Path,
+    target_name: str,
+    batch_tokens: int = 2048,
+    dtype: str = "bfloat16",
+    device: str = "cpu",
+    shard_tokens: int | None = None,
+    aux_layer_ids: list[int] | None = None,
+    progress: bool = True,
+) -> dict:
     store = hidden_dtype(dtype)
     data = PreparedData.load(data_dir)
     target = load_target(target_name, device=device, aux_layer_ids=aux_layer_ids)
@@ -38,11 +47,18 @@ def capture(data_dir: str | Path, out: str | Path, target_name: str, batch_token
     total = len(plan.eligible)
     out = Path(out)
     config = {
-        "target": target_name, "aux_layer_ids": target.aux_layer_ids,
-        "aux_layer_convention": AUX_LAYER_CONVENTION, "hidden_size": target.hidden_size,
-        "tokenizer_hash": target.tokenizer_hash(), "dtype": dtype,
-        "extra": {"prepared": str(Path(data_dir).resolve()), "batch_tokens": batch_tokens,
-                  "draft_vocab_size": data.vocab.size, "target_vocab_size": target.vocab_size},
+        "target": target_name,
+        "aux_layer_ids": target.aux_layer_ids,
+        "aux_layer_convention": AUX_LAYER_CONVENTION,
+        "hidden_size": target.hidden_size,
+        "tokenizer_hash": target.tokenizer_hash(),
+        "dtype": dtype,
+        "extra": {
+            "prepared": str(Path(data_dir).resolve()),
+            "batch_tokens": batch_tokens,
+            "draft_vocab_size": data.vocab.size,
+            "target_vocab_size": target.vocab_size,
+        },
     }
     with ShardWriter(out, config, shard_tokens=shard_tokens) as writer:
         # The vocabulary and provenance travel with the shards (written before any shard is committed).
@@ -55,10 +71,15 @@ def capture(data_dir: str | Path, out: str | Path, target_name: str, batch_token
         for raw in source.stream(plan.epoch_batches(0, done)):
             bounds = raw["offsets"].tolist()
             for a, b in zip(bounds[:-1], bounds[1:]):
-                writer.add({"input_ids": raw["input_ids"][a:b], "loss_mask": raw["loss_mask"][a:b],
-                            "aux_hidden": raw["aux_hidden"][a:b].to(store),
-                            "final_hidden": raw["final_hidden"][a:b].to(store),
-                            "target_argmax": raw["target_argmax"][a:b]})
+                writer.add(
+                    {
+                        "input_ids": raw["input_ids"][a:b],
+                        "loss_mask": raw["loss_mask"][a:b],
+                        "aux_hidden": raw["aux_hidden"][a:b].to(store),
+                        "final_hidden": raw["final_hidden"][a:b].to(store),
+                        "target_argmax": raw["target_argmax"][a:b],
+                    }
+                )
             bar.update(len(bounds) - 1)
         bar.close()
     log.info("captured %d samples to %s", total, out)

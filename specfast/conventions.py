@@ -10,6 +10,7 @@ same tensors differently:
 Getting this off by one trains a draft on the wrong features without any error, so every shard
 manifest and export records the convention, and every boundary converts through the functions here.
 """
+
 from __future__ import annotations
 
 import torch
@@ -48,10 +49,15 @@ def check_aux_layer_ids(ids: list[int], num_layers: int | None = None, where: st
     span = f"in [0, {num_layers})" if num_layers is not None else ">= 0"
     hint = ""
     if num_layers is not None:
-        hint = (" a target this shallow is too small for EAGLE-3's default" if num_layers < 8
-                else f" a {num_layers}-layer target needs --aux-layer-ids")
-    raise ValueError(f"{prefix}aux layer ids {ids!r} must be 3 distinct ascending layers {span} "
-                     f"({AUX_LAYER_CONVENTION});{hint}".rstrip(";"))
+        hint = (
+            " a target this shallow is too small for EAGLE-3's default"
+            if num_layers < 8
+            else f" a {num_layers}-layer target needs --aux-layer-ids"
+        )
+    raise ValueError(
+        f"{prefix}aux layer ids {ids!r} must be 3 distinct ascending layers {span} "
+        f"({AUX_LAYER_CONVENTION});{hint}".rstrip(";")
+    )
 
 
 def aux_ids_to_vllm(ids: list[int]) -> list[int]:

@@ -1,6 +1,7 @@
 """`specfast demo`: the whole path on the embedded defaults — SmolLM2-135M-Instruct as the target,
 ShareGPT V3 as the data — sized for ~10 minutes on 2 CPU cores: prepare, train, export,
 summarise."""
+
 from __future__ import annotations
 
 import logging
@@ -14,13 +15,20 @@ from specfast.fileio import atomic_write_json
 log = logging.getLogger("specfast")
 
 # Sized for 2 CPU cores: short rows and few TTT steps buy more optimizer steps in the time budget.
-DEMO_TRAIN = dict(ttt_steps=4, batch_tokens=1024, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1,
-                  save_every=50)
+DEMO_TRAIN = dict(
+    ttt_steps=4, batch_tokens=1024, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1, save_every=50
+)
 
 
-def run_demo(out: str | Path, minutes: float = 6.0, conversations: int = 3000,
-             target: str = "smollm2", device: str = "auto", eval_prompts: int = 8,
-             eval_tokens: int = 64) -> dict:
+def run_demo(
+    out: str | Path,
+    minutes: float = 6.0,
+    conversations: int = 3000,
+    target: str = "smollm2",
+    device: str = "auto",
+    eval_prompts: int = 8,
+    eval_tokens: int = 64,
+) -> dict:
     from transformers import AutoTokenizer
 
     from specfast.data.prepare import prepare, sharegpt_default_path
@@ -39,21 +47,37 @@ def run_demo(out: str | Path, minutes: float = 6.0, conversations: int = 3000,
 
     log.info("[2/5] prepare: %d ShareGPT conversations (+64 held out)", conversations)
     tok = AutoTokenizer.from_pretrained(target_path)
-    stats = prepare([sharegpt_default_path()], out / "data", tok, target, limit=conversations,
-                    heldout=64, max_len=1024)
+    stats = prepare(
+        [sharegpt_default_path()],
+        out / "data",
+        tok,
+        target,
+        limit=conversations,
+        heldout=64,
+        max_len=1024,
+    )
 
     log.info("[3/5] train for %.1f minutes", minutes)
-    cfg = TrainConfig(data=str(out / "data"), target=target, out=str(out / "run"), device=device,
-                      max_minutes=minutes, max_steps=100_000, **DEMO_TRAIN)
+    cfg = TrainConfig(
+        data=str(out / "data"),
+        target=target,
+        out=str(out / "run"),
+        device=device,
+        max_minutes=minutes,
+        max_steps=100_000,
+        **DEMO_TRAIN,
+    )
     summary = train(cfg)
 
     log.info("[4/5] export")
     export = export_draft(out / "run", out / "export", extra={"target": target})
 
-    log.info("[5/5] eval: speculative decoding of %d held-out conversations (K=3, greedy)",
-             eval_prompts)
-    ev = measure_acceptance(export, target, out / "data" / "heldout.jsonl", eval_prompts,
-                            eval_tokens, device)
+    log.info(
+        "[5/5] eval: speculative decoding of %d held-out conversations (K=3, greedy)", eval_prompts
+    )
+    ev = measure_acceptance(
+        export, target, out / "data" / "heldout.jsonl", eval_prompts, eval_tokens, device
+    )
     write_report(ev, out / "eval")
 
     result = {
@@ -76,16 +100,19 @@ def run_demo(out: str | Path, minutes: float = 6.0, conversations: int = 3000,
     return result
 
 
-def measure_acceptance(export: Path, target: str, prompts_path: Path, limit: int,
-                       max_new_tokens: int, device: str) -> dict:
+def measure_acceptance(
+    export: Path, target: str, prompts_path: Path, limit: int, max_new_tokens: int, device: str
+) -> dict:
     from specfast.eval.evaluate import evaluate, load_for_eval
     from specfast.eval.prompts import Prompt, read_prompts
 
     tgt, draft = load_for_eval(export, target, device)
     # First user turns only, cut short: ShareGPT conversations are long, and each turn is generated
     # twice (with the draft, and by the target alone for the speedup) on 2 CPU cores.
-    prompts = [Prompt(turns=[p.turns[0][:1000]], system=p.system, where=p.where)
-               for p in read_prompts(prompts_path, limit=limit)]
+    prompts = [
+        Prompt(turns=[p.turns[0][:1000]], system=p.system, where=p.where)
+        for p in read_prompts(prompts_path, limit=limit)
+    ]
     # Batch-1 decoding of a small model is latency-bound: on CPU one thread is as fast as two and
     # does not collapse when another process holds a core.
     threads = torch.get_num_threads()
@@ -107,8 +134,12 @@ def print_summary(r: dict) -> None:
         ("simulated acceptance length", f"{r['sim_accept_len']:.3f}"),
     ]
     by_position = " ".join(f"{a:.2f}" for a in r["accept_rate_by_position"])
-    rows.append(("measured acceptance length τ", f"{r['measured_accept_len']:.3f}  (held-out, K=3, "
-                 f"greedy; by position {by_position})"))
+    rows.append(
+        (
+            "measured acceptance length τ",
+            f"{r['measured_accept_len']:.3f}  (held-out, K=3, greedy; by position {by_position})",
+        )
+    )
     if r.get("speedup"):
         rows.append(("speedup over target alone", f"{r['speedup']:.2f}x"))
     rows += [("export", r["export"]), ("wall time", f"{r['wall_seconds']:.0f} s")]

@@ -1,4 +1,5 @@
 """The one place a `--device` string becomes a torch.device."""
+
 from __future__ import annotations
 
 import torch
@@ -13,7 +14,9 @@ def resolve_device(name: str | torch.device) -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device {name!r}: not a device (use auto, cpu, cuda or cuda:N)") from None
+        raise ValueError(
+            f"--device {name!r}: not a device (use auto, cpu, cuda or cuda:N)"
+        ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name!r} requested but CUDA is not available")
     return dev

@@ -1,6 +1,7 @@
 """Crash-safe writes, used for every file specfast produces: write a temporary file next to the
 target, fsync it, rename it over the target, fsync the folder. A reader sees the old file or the new
 one, never half of one. (The C++ extension does the same for shards.)"""
+
 from __future__ import annotations
 
 import contextlib
@@ -58,8 +59,11 @@ def atomic_save_safetensors(tensors: dict, path: str | Path, metadata: dict | No
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                  metadata=metadata)
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+            str(tmp),
+            metadata=metadata,
+        )
 
 
 @contextlib.contextmanager

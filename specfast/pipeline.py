@@ -16,6 +16,7 @@ Both sources yield the same dict per batch (CPU or device tensors): `sample_ids`
 `final_hidden` [T, H] (after the target's final norm) and, where known, `target_argmax` [T].
 Online and offline runs over the same samples therefore see the same batches.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,8 +41,15 @@ def doc_layout(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return doc_ids, torch.arange(int(lengths.sum())) - starts
 
 
-def check_matches_target(where, target, *, source: str, tokenizer_hash: str | None = None,
-                         vocab_size: int | None = None, hidden_size: int | None = None) -> None:
+def check_matches_target(
+    where,
+    target,
+    *,
+    source: str,
+    tokenizer_hash: str | None = None,
+    vocab_size: int | None = None,
+    hidden_size: int | None = None,
+) -> None:
     """Data (prepared or captured) must come from this target: its tokenizer and shapes."""
     problems = []
     if tokenizer_hash and tokenizer_hash != target.tokenizer_hash():
@@ -51,8 +59,10 @@ def check_matches_target(where, target, *, source: str, tokenizer_hash: str | No
     if hidden_size is not None and hidden_size != target.hidden_size:
         problems.append(f"hidden size {hidden_size}, target's {target.hidden_size}")
     if problems:
-        raise ValueError(f"{where}: {source} ({'; '.join(problems)}), which does not match target "
-                         f"{target.name}; prepare or capture the data for this target")
+        raise ValueError(
+            f"{where}: {source} ({'; '.join(problems)}), which does not match target "
+            f"{target.name}; prepare or capture the data for this target"
+        )
 
 
 class TargetRows:
@@ -60,9 +70,13 @@ class TargetRows:
     and run through the target."""
 
     def __init__(self, data: PreparedData, target, batch_tokens: int):
-        check_matches_target(data.root, target, source="prepared data",
-                             tokenizer_hash=data.meta.get("tokenizer_hash"),
-                             vocab_size=data.vocab.target_vocab_size)
+        check_matches_target(
+            data.root,
+            target,
+            source="prepared data",
+            tokenizer_hash=data.meta.get("tokenizer_hash"),
+            vocab_size=data.vocab.target_vocab_size,
+        )
         self.data, self.target, self.batch_tokens = data, target, batch_tokens
 
     def lengths(self) -> np.ndarray:
@@ -73,9 +87,15 @@ class TargetRows:
             ids, mask, offsets = self.data.read(idx, self.batch_tokens)
             doc_ids, _ = doc_layout(offsets.diff())
             out = self.target.forward_packed(ids, doc_ids)
-            yield {"sample_ids": torch.as_tensor(idx), "offsets": offsets, "input_ids": ids,
-                   "loss_mask": mask, "aux_hidden": out.aux_hidden, "final_hidden": out.final_hidden,
-                   "target_argmax": out.argmax}
+            yield {
+                "sample_ids": torch.as_tensor(idx),
+                "offsets": offsets,
+                "input_ids": ids,
+                "loss_mask": mask,
+                "aux_hidden": out.aux_hidden,
+                "final_hidden": out.final_hidden,
+                "target_argmax": out.argmax,
+            }
 
 
 class ShardRows:
@@ -90,7 +110,9 @@ class ShardRows:
     def stream(self, batches: Iterator[np.ndarray]):
         from specfast.shards import ShardReader
 
-        return ShardReader(self.dataset, batches, self.batch_tokens, pin_memory=self.device.type == "cuda")
+        return ShardReader(
+            self.dataset, batches, self.batch_tokens, pin_memory=self.device.type == "cuda"
+        )
 
 
 def assemble_batch(raw: dict, target, vocab: DraftVocab, device: torch.device) -> PackedBatch:
@@ -106,8 +128,10 @@ def assemble_batch(raw: dict, target, vocab: DraftVocab, device: torch.device) -
 
         argmax = full_vocab_argmax(final.float(), target.lm_head_weight().float())
     return PackedBatch(
-        input_ids=raw["input_ids"].to(device).long(), doc_ids=doc_ids.to(device),
-        positions=positions.to(device), loss_mask=raw["loss_mask"].to(device).bool(),
+        input_ids=raw["input_ids"].to(device).long(),
+        doc_ids=doc_ids.to(device),
+        positions=positions.to(device),
+        loss_mask=raw["loss_mask"].to(device).bool(),
         aux_hidden=raw["aux_hidden"].to(device, non_blocking=True),
         teacher_logits=target.teacher_logits(final, draft_ids),
         target_in_vocab=t2d[argmax.to(device).long()],
@@ -155,20 +179,38 @@ def supervised_within(data: PreparedData, batch_tokens: int) -> np.ndarray:
     ends = np.minimum(data.offsets[1:].numpy(), starts + batch_tokens)
     keep = np.nonzero(supervised[ends] - supervised[starts] > 0)[0]
     if len(keep) < len(starts):
-        log.info("%d of %d samples have no assistant token within %d tokens; skipped",
-                 len(starts) - len(keep), len(starts), batch_tokens)
+        log.info(
+            "%d of %d samples have no assistant token within %d tokens; skipped",
+            len(starts) - len(keep),
+            len(starts),
+            batch_tokens,
+        )
     return keep
 
 
-def online_plan(data: PreparedData, batch_tokens: int, seed: int, shuffle: bool = True) -> BatchPlan:
+def online_plan(
+    data: PreparedData, batch_tokens: int, seed: int, shuffle: bool = True
+) -> BatchPlan:
     """The plan over a prepared dataset: only samples that can be supervised within the token budget."""
-    return BatchPlan(data.lengths(), batch_tokens, seed, eligible=supervised_within(data, batch_tokens),
-                     shuffle=shuffle)
+    return BatchPlan(
+        data.lengths(),
+        batch_tokens,
+        seed,
+        eligible=supervised_within(data, batch_tokens),
+        shuffle=shuffle,
+    )
 
 
-def open_online(data: PreparedData, target, batch_tokens: int, seed: int, device: torch.device) -> Batches:
-    return Batches(TargetRows(data, target, batch_tokens), online_plan(data, batch_tokens, seed), target,
-                   data.vocab, device)
+def open_online(
+    data: PreparedData, target, batch_tokens: int, seed: int, device: torch.device
+) -> Batches:
+    return Batches(
+        TargetRows(data, target, batch_tokens),
+        online_plan(data, batch_tokens, seed),
+        target,
+        data.vocab,
+        device,
+    )
 
 
 def open_offline(dataset, target, batch_tokens: int, seed: int, device: torch.device) -> Batches:
@@ -176,9 +218,14 @@ def open_offline(dataset, target, batch_tokens: int, seed: int, device: torch.de
     shard_dir = dataset.path
     cap = dataset.capture
     vocab = read_vocab(Path(shard_dir))
-    check_matches_target(shard_dir, target, source=f"captured from {cap['target']}",
-                         tokenizer_hash=cap["tokenizer_hash"], hidden_size=cap["hidden_size"],
-                         vocab_size=vocab.target_vocab_size)
+    check_matches_target(
+        shard_dir,
+        target,
+        source=f"captured from {cap['target']}",
+        tokenizer_hash=cap["tokenizer_hash"],
+        hidden_size=cap["hidden_size"],
+        vocab_size=vocab.target_vocab_size,
+    )
     plan = BatchPlan(dataset.sample_lengths, batch_tokens, seed)
     return Batches(ShardRows(dataset, batch_tokens, device), plan, target, vocab, device)
 

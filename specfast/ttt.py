@@ -27,6 +27,7 @@ Loss: Σ_k 0.8^k · loss_k, loss_k the soft cross-entropy over step k's supervis
 their count (not by B·T). Metrics per step: accuracy, conditional accuracy (given steps 0..k-1 right at
 that position), and the simulated acceptance length τ = 1 + Σ_k Π_{j≤k} cond_acc_j.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -48,8 +49,12 @@ class PackedBatch:
     positions: torch.Tensor  # int64 [T], position within the document
     loss_mask: torch.Tensor  # bool [T], token t is an assistant token
     aux_hidden: torch.Tensor  # [T, 3·H_target]
-    teacher_logits: torch.Tensor  # fp32 [T, V_draft], the target's logits at t over the draft vocabulary
-    target_in_vocab: torch.Tensor  # bool [T], target's full-vocab argmax at t lies in the draft vocabulary
+    teacher_logits: (
+        torch.Tensor
+    )  # fp32 [T, V_draft], the target's logits at t over the draft vocabulary
+    target_in_vocab: (
+        torch.Tensor
+    )  # bool [T], target's full-vocab argmax at t lies in the draft vocabulary
 
     @property
     def num_tokens(self) -> int:
@@ -75,7 +80,11 @@ def shifted(x: torch.Tensor, shift: int, fill) -> torch.Tensor:
 def supervised_mask(batch: PackedBatch, k: int) -> torch.Tensor:
     """Step k's supervised positions (see the module docstring)."""
     same_doc = shifted(batch.doc_ids, 2 + k, -1) == batch.doc_ids
-    return same_doc & shifted(batch.loss_mask, 2 + k, False) & shifted(batch.target_in_vocab, 1 + k, False)
+    return (
+        same_doc
+        & shifted(batch.loss_mask, 2 + k, False)
+        & shifted(batch.target_in_vocab, 1 + k, False)
+    )
 
 
 def ttt_unroll(draft: Eagle3Draft, batch: PackedBatch, steps: int) -> TTTResult:
@@ -100,15 +109,19 @@ def ttt_unroll(draft: Eagle3Draft, batch: PackedBatch, steps: int) -> TTTResult:
         tokens = shifted(batch.input_ids, 1 + k, 0)[None]
         h = draft.step(tokens, h, (batch.positions + k)[None], attend)
         mask = supervised_mask(batch, k)
-        loss_k, correct_k = pruned_vocab_loss(draft.norm(h[0]), draft.lm_head.weight, teacher[1 + k: 1 + k + T], mask)
-        total = total + (STEP_WEIGHT_DECAY ** k) * loss_k
+        loss_k, correct_k = pruned_vocab_loss(
+            draft.norm(h[0]), draft.lm_head.weight, teacher[1 + k : 1 + k + T], mask
+        )
+        total = total + (STEP_WEIGHT_DECAY**k) * loss_k
         step_losses.append(float(loss_k.detach()))
         correct.append(correct_k)
         valid.append(mask)
     return TTTResult(total, step_losses, torch.stack(correct), torch.stack(valid))
 
 
-def ttt_metrics(correct: torch.Tensor, valid: torch.Tensor, step_losses: list[float] | None = None) -> dict:
+def ttt_metrics(
+    correct: torch.Tensor, valid: torch.Tensor, step_losses: list[float] | None = None
+) -> dict:
     """Per-step accuracy, conditional accuracy and the simulated acceptance length, from bool
     [steps, T] tensors (sum them over batches first via `ttt_counts` for epoch-level numbers)."""
     return metrics_from_counts(ttt_counts(correct, valid), step_losses)
@@ -121,7 +134,9 @@ def ttt_counts(correct: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     rows = []
     for k in range(valid.shape[0]):
         ok = correct[k] & valid[k]
-        rows.append(torch.stack([valid[k].sum(), ok.sum(), (valid[k] & chain).sum(), (ok & chain).sum()]))
+        rows.append(
+            torch.stack([valid[k].sum(), ok.sum(), (valid[k] & chain).sum(), (ok & chain).sum()])
+        )
         chain = chain & ok
     return torch.stack(rows).cpu()
 

@@ -1,5 +1,6 @@
 """Test setup: Triton kernels run in the interpreter on this CPU machine. It must be set before any
 kernel is defined, so it happens here, before test modules import specfast.kernels."""
+
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -36,9 +37,17 @@ def tiny_target_dir(tmp_path_factory, smollm2_dir):
 
     out = tmp_path_factory.mktemp("tiny_target")
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=8,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, rope_theta=10000.0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():  # peaked next-token distributions, so a draft has something to learn
@@ -55,14 +64,20 @@ def tiny_chat_jsonl(tmp_path_factory):
     import random
 
     rng = random.Random(1234)
-    words = "the of and to in is you that it he was for on are as with his they at be this from".split()
+    words = (
+        "the of and to in is you that it he was for on are as with his they at be this from".split()
+    )
     path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
     with open(path, "w") as f:
         for i in range(60):
             turns = []
             for t in range(rng.randint(1, 3)):
-                turns.append({"from": "human", "value": " ".join(rng.choices(words, k=rng.randint(3, 12)))})
-                turns.append({"from": "gpt", "value": " ".join(rng.choices(words, k=rng.randint(5, 30)))})
+                turns.append(
+                    {"from": "human", "value": " ".join(rng.choices(words, k=rng.randint(3, 12)))}
+                )
+                turns.append(
+                    {"from": "gpt", "value": " ".join(rng.choices(words, k=rng.randint(5, 30)))}
+                )
             f.write(json.dumps({"id": str(i), "conversations": turns}) + "\n")
     return path
 
@@ -76,6 +91,14 @@ def tiny_prepared(tmp_path_factory, tiny_target_dir, tiny_chat_jsonl):
 
     out = tmp_path_factory.mktemp("prepared") / "data"
     tok = AutoTokenizer.from_pretrained(tiny_target_dir)
-    prepare([tiny_chat_jsonl], out, tok, str(tiny_target_dir), draft_vocab_size=64, max_len=96, heldout=4,
-            progress=False)
+    prepare(
+        [tiny_chat_jsonl],
+        out,
+        tok,
+        str(tiny_target_dir),
+        draft_vocab_size=64,
+        max_len=96,
+        heldout=4,
+        progress=False,
+    )
     return out

@@ -1,6 +1,7 @@
 """The batch plan (the only packer) and the pipeline's pieces: every eligible sample once per
 epoch within the token budget, reproducible from a seed, resumable from a saved position, split across
 ranks without changing the global sequence of batches."""
+
 import numpy as np
 import pytest
 import torch
@@ -42,8 +43,9 @@ def test_unshuffled_plan_and_epoch_batches_from_any_sample(seed):
     plan = BatchPlan(lengths, 50, shuffle=False)
     assert [b.tolist() for b in plan.epoch_batches(0)] == greedy_reference(lengths, 50, range(40))
     # Capture resumes at any sample: packing restarts greedily there.
-    assert [b.tolist() for b in plan.epoch_batches(0, 13)] == greedy_reference(lengths, 50,
-                                                                              range(13, 40))
+    assert [b.tolist() for b in plan.epoch_batches(0, 13)] == greedy_reference(
+        lengths, 50, range(13, 40)
+    )
 
 
 def test_same_seed_same_batches_and_resume_from_position(seed):
@@ -96,7 +98,7 @@ def test_prepared_read_cuts_to_budget_and_layout_marks_documents(tiny_prepared):
     ids, mask, offsets = data.read(idx, batch_tokens=20)
     cut = [min(int(lengths[i]), 20) for i in idx]
     assert offsets.tolist() == [0, cut[0], cut[0] + cut[1]] and ids.dtype == torch.int64
-    assert torch.equal(ids[cut[0]:], data.sample(0)[0][:cut[1]].long())
-    assert torch.equal(mask[:cut[0]], data.sample(idx[0])[1][:20])
+    assert torch.equal(ids[cut[0] :], data.sample(0)[0][: cut[1]].long())
+    assert torch.equal(mask[: cut[0]], data.sample(idx[0])[1][:20])
     doc_ids, pos = doc_layout(torch.tensor([3, 2]))
     assert doc_ids.tolist() == [0, 0, 0, 1, 1] and pos.tolist() == [0, 1, 2, 0, 1]

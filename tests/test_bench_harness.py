@@ -1,4 +1,5 @@
 """bench/harness.py: the ratio table and its file, and the child runner's value and peak RSS."""
+
 import sys
 from pathlib import Path
 
@@ -14,11 +15,15 @@ def _allocating(mib):
 
 
 def test_comparison_ratio_and_file(tmp_path, monkeypatch):
-    lines = harness.comparison([("fast", 2.0, 5.0), ("slow", 4.0, 1.0), ("missing", 1.0, None)],
-                               unit="ms")
+    lines = harness.comparison(
+        [("fast", 2.0, 5.0), ("slow", 4.0, 1.0), ("missing", 1.0, None)], unit="ms"
+    )
     assert lines[0] == "| case | ours (ms) | baseline (ms) | baseline / ours |"
-    assert lines[2:] == ["| fast | 2.000 | 5.000 | 2.50× |", "| slow | 4.000 | 1.000 | 0.25× |",
-                         "| missing | 1.000 | – | – |"]
+    assert lines[2:] == [
+        "| fast | 2.000 | 5.000 | 2.50× |",
+        "| slow | 4.000 | 1.000 | 0.25× |",
+        "| missing | 1.000 | – | – |",
+    ]
     assert harness.ratio(3.0, 0.0) == "–"
     monkeypatch.setattr(harness, "RESULTS", tmp_path)
     path = harness.write_result("demo", "# Demo", lines, command="python bench/demo.py --quick")

@@ -1,6 +1,7 @@
 """The command line: one registry of subcommands, each with --help for every flag; bad input is one
 line and exit status 2, a bug keeps its traceback. And the draft loading behind `export` and
 `eval`: a checkpoint, its run folder and its export load to the same draft."""
+
 import argparse
 import json
 
@@ -35,16 +36,30 @@ def test_every_command_explains_every_flag(capsys):
         assert e.value.code == 0
         assert f"usage: specfast {name}" in capsys.readouterr().out
     flags = {s for a in subs["capture"]._actions for s in a.option_strings} - {"-h", "--help"}
-    assert flags == {"--data", "--out", "--target", "--batch-tokens", "--dtype", "--shard-tokens",
-                     "--device", "--no-progress"}
+    assert flags == {
+        "--data",
+        "--out",
+        "--target",
+        "--batch-tokens",
+        "--dtype",
+        "--shard-tokens",
+        "--device",
+        "--no-progress",
+    }
 
 
 def test_bad_input_is_one_line_with_exit_status_2(tmp_path, capsys):
     cases = [
-        (["eval", "--draft", str(tmp_path), "--prompts", str(tmp_path / "missing.jsonl")],
-         "specfast eval: error: ", "missing.jsonl: no such file"),
-        (["export", str(tmp_path), "--out", str(tmp_path / "x")],
-         "specfast export: error: ", "neither a checkpoint nor a training run"),
+        (
+            ["eval", "--draft", str(tmp_path), "--prompts", str(tmp_path / "missing.jsonl")],
+            "specfast eval: error: ",
+            "missing.jsonl: no such file",
+        ),
+        (
+            ["export", str(tmp_path), "--out", str(tmp_path / "x")],
+            "specfast export: error: ",
+            "neither a checkpoint nor a training run",
+        ),
     ]
     for args, prefix, reason in cases:
         assert main(args) == 2
@@ -99,12 +114,31 @@ def test_checkpoint_run_and_export_load_the_same_draft(checkpoint, tmp_path):
 def test_eval_command(checkpoint, tiny_target_dir, tmp_path, capsys):
     _, ckpt = checkpoint
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"turns": [t, "and then?"]}) + "\n"
-                               for t in ("hello there", "what is it", "one more")))
+    prompts.write_text(
+        "".join(
+            json.dumps({"turns": [t, "and then?"]}) + "\n"
+            for t in ("hello there", "what is it", "one more")
+        )
+    )
     out = tmp_path / "res" / "results.json"
-    args = ["eval", "--target", str(tiny_target_dir), "--draft", str(ckpt.parent.parent),
-            "--prompts", str(prompts), "-k", "2", "--max-new-tokens", "6", "--out", str(out),
-            "--no-progress", "--limit", "2"]
+    args = [
+        "eval",
+        "--target",
+        str(tiny_target_dir),
+        "--draft",
+        str(ckpt.parent.parent),
+        "--prompts",
+        str(prompts),
+        "-k",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--limit",
+        "2",
+    ]
     assert main(args) == 0
     written = json.loads(out.read_text())
     assert written["num_prompts"] == 2 and written["num_turns"] == 4

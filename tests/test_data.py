@@ -1,6 +1,7 @@
 """Chat data: readers (cut-off arrays, malformed lines) shared by prepare and eval's prompts,
 assistant masks under several chat templates, draft-vocabulary selection, `prepare`'s counts and
 outputs, and resuming `--regenerate`."""
+
 import json
 
 import numpy as np
@@ -16,17 +17,21 @@ from specfast.data.regenerate import regenerate
 from specfast.data.vocab import select_draft_vocab
 from specfast.eval.prompts import read_prompts
 
-LLAMA3 = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] "
-          "+ '<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
-          "{% if add_generation_prompt %}"
-          "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
-QWEN = ("{% if messages[0]['role'] == 'system' %}"
-        "{{ '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
-        "{% else %}{{ '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. "
-        "You are a helpful assistant.<|im_end|>\n' }}"
-        "{% endif %}{% for m in messages %}{% if not (m['role'] == 'system' and loop.first) %}"
-        "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}"
-        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+LLAMA3 = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] "
+    "+ '<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+QWEN = (
+    "{% if messages[0]['role'] == 'system' %}"
+    "{{ '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    "{% else %}{{ '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. "
+    "You are a helpful assistant.<|im_end|>\n' }}"
+    "{% endif %}{% for m in messages %}{% if not (m['role'] == 'system' and loop.first) %}"
+    "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 CONV = [
     {"role": "user", "content": "What is 2+2?"},
     {"role": "assistant", "content": "It is 4."},
@@ -40,9 +45,11 @@ def tok(smollm2_dir):
     return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
-@pytest.mark.parametrize("template,end",
-                         [(None, "<|im_end|>"), (LLAMA3, "<|eot_id|>"), (QWEN, "<|im_end|>")],
-                         ids=["chatml-smollm2", "llama3", "qwen"])
+@pytest.mark.parametrize(
+    "template,end",
+    [(None, "<|im_end|>"), (LLAMA3, "<|eot_id|>"), (QWEN, "<|im_end|>")],
+    ids=["chatml-smollm2", "llama3", "qwen"],
+)
 def test_mask_covers_exactly_the_answers(smollm2_dir, template, end):
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     if template is LLAMA3:  # as in Llama-3's own tokenizer, its markers are special tokens
@@ -67,15 +74,19 @@ def test_mask_covers_exactly_the_answers(smollm2_dir, template, end):
 
 
 def test_template_that_is_not_prefix_stable_is_refused(tok):
-    bad = ("{{ messages | length }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
-           "{% endfor %}")
+    bad = (
+        "{{ messages | length }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+        "{% endfor %}"
+    )
     with pytest.raises(TemplateError, match="prefix"):
         tokenize_conversation(tok, CONV, bad)
 
 
 def test_cut_off_json_array_recovers_complete_records(tmp_path):
-    recs = [{"conversations": [{"from": "human", "value": f"q{i}"},
-                               {"from": "gpt", "value": f"a{i}"}]} for i in range(5)]
+    recs = [
+        {"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]}
+        for i in range(5)
+    ]
     text = json.dumps(recs, indent=2)
     cut = text[: text.index('"q4"') + 2]  # stop inside record 4
     path = tmp_path / "cut.json"
@@ -88,18 +99,26 @@ def test_cut_off_json_array_recovers_complete_records(tmp_path):
 
 def test_invalid_record_inside_a_complete_array_names_its_index(tmp_path):
     path = tmp_path / "bad.json"
-    path.write_text('[{"messages": [{"role": "user", "content": "hi"}, '
-                    '{"role": "assistant", "content": "yo"}]}, {"messages": [}, {"messages": []}]')
+    path.write_text(
+        '[{"messages": [{"role": "user", "content": "hi"}, '
+        '{"role": "assistant", "content": "yo"}]}, {"messages": [}, {"messages": []}]'
+    )
     with pytest.raises(RecordError, match=r"array index 1"):
         list(iter_conversations(path))
 
 
 def test_jsonl_bad_lines_are_reported_with_line_numbers_and_skipped(tmp_path):
-    good = {"messages": [{"role": "user", "content": "hi"},
-                         {"role": "assistant", "content": "hello"}]}
-    lines = [json.dumps(good), "{not json",
-             json.dumps({"messages": [{"role": "wizard", "content": "x"}]}),
-             json.dumps({"text": "no conversation"}), "", json.dumps(good)]
+    good = {
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    }
+    lines = [
+        json.dumps(good),
+        "{not json",
+        json.dumps({"messages": [{"role": "wizard", "content": "x"}]}),
+        json.dumps({"text": "no conversation"}),
+        "",
+        json.dumps(good),
+    ]
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join(lines) + "\n")
     stats = ReadStats()
@@ -112,12 +131,17 @@ def test_jsonl_bad_lines_are_reported_with_line_numbers_and_skipped(tmp_path):
 
 
 def test_roles_merge_and_leading_assistant_turns_drop(tmp_path):
-    rec = {"conversations": [{"from": "gpt", "value": "orphan"},
-                             {"from": "human", "value": "a"},
-                             {"from": "human", "value": "b"}, {"from": "gpt", "value": "c"}]}
+    rec = {
+        "conversations": [
+            {"from": "gpt", "value": "orphan"},
+            {"from": "human", "value": "a"},
+            {"from": "human", "value": "b"},
+            {"from": "gpt", "value": "c"},
+        ]
+    }
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps(rec) + "\n")
-    (_, msgs), = list(iter_conversations(path))
+    ((_, msgs),) = list(iter_conversations(path))
     assert msgs == [{"role": "user", "content": "a\n\nb"}, {"role": "assistant", "content": "c"}]
 
 
@@ -155,13 +179,25 @@ def test_prepare_counts_truncation_and_writes_heldout(tmp_path, tiny_target_dir,
 def test_read_prompts_formats_and_errors(tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text(
-        json.dumps({"turns": ["hi", "and then?"]}) + "\n\n"
-        + json.dumps({"source": "x", "messages": [{"role": "system", "content": "be brief"},
-                                                  {"role": "user", "content": "a"},
-                                                  {"role": "assistant", "content": "b"},
-                                                  {"role": "user", "content": "c"}]}) + "\n"
-        + json.dumps({"conversations": [{"from": "human", "value": "q"},
-                                        {"from": "gpt", "value": "r"}]}) + "\n")
+        json.dumps({"turns": ["hi", "and then?"]})
+        + "\n\n"
+        + json.dumps(
+            {
+                "source": "x",
+                "messages": [
+                    {"role": "system", "content": "be brief"},
+                    {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": "b"},
+                    {"role": "user", "content": "c"},
+                ],
+            }
+        )
+        + "\n"
+        + json.dumps(
+            {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "r"}]}
+        )
+        + "\n"
+    )
     ps = read_prompts(f)
     assert [p.turns for p in ps] == [["hi", "and then?"], ["a", "c"], ["q"]]
     assert ps[1].system == "be brief" and ps[1].where == f"{f}:3"
@@ -180,15 +216,21 @@ def test_read_prompts_formats_and_errors(tmp_path):
 def test_prepare_and_eval_read_one_record_alike(tmp_path):
     """One reader (specfast.data.readers): the same role table and checks, then each side's
     policy: prepare merges consecutive turns of a role, eval answers each user turn."""
-    rec = {"conversations": [{"from": "SYSTEM", "value": "be kind"},
-                             {"from": "human", "value": "a"}, {"from": "human", "value": "b"},
-                             {"from": "bing", "value": "c"}, {"from": "user", "value": " "},
-                             {"from": "Human", "value": "d"}]}
+    rec = {
+        "conversations": [
+            {"from": "SYSTEM", "value": "be kind"},
+            {"from": "human", "value": "a"},
+            {"from": "human", "value": "b"},
+            {"from": "bing", "value": "c"},
+            {"from": "user", "value": " "},
+            {"from": "Human", "value": "d"},
+        ]
+    }
     weird = {"messages": [{"role": "user", "content": "x"}, {"role": "wizard", "content": "y"}]}
     path = tmp_path / "chat.json"  # a JSON array, as ShareGPT ships
     path.write_text(json.dumps([rec, weird]))
     stats = ReadStats()
-    (_, msgs), = list(iter_conversations(path, stats))
+    ((_, msgs),) = list(iter_conversations(path, stats))
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
     assert msgs[1]["content"] == "a\n\nb" and stats.bad == 1
     assert "array index 1: turn 1 has unknown role 'wizard'" in stats.examples[0]
@@ -217,8 +259,10 @@ class EchoTarget:
 
 
 def test_regenerate_resumes_after_a_torn_line(tmp_path, tok):
-    convs = [(f"src{i}", [{"role": "user", "content": f"q{i}"},
-                          {"role": "assistant", "content": "old"}]) for i in range(5)]
+    convs = [
+        (f"src{i}", [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "old"}])
+        for i in range(5)
+    ]
     path = tmp_path / "regenerated.jsonl"
     first = regenerate(EchoTarget(tok), convs[:2], path, batch_size=2)
     assert [m[-1]["role"] for _, m in first] == ["assistant", "assistant"]

@@ -3,6 +3,7 @@ greedy generation, HF `generate`), distribution-preserving when sampling (statis
 wrong acceptance rule fails), the draft's inference path computes what training defines (dense
 reference), and τ / per-position counts follow vLLM's definitions. Tiny random models built here,
 no download."""
+
 import math
 import random
 from pathlib import Path
@@ -22,8 +23,10 @@ from specfast.targets import HFTarget
 
 WORDS = ["<unk>", "<eos>", "<user>", "<assistant>", "<system>"] + [f"w{i}" for i in range(11)]
 EOS = 1
-TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
-            "{% if add_generation_prompt %}<assistant> {% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<assistant> {% endif %}"
+)
 
 
 def make_target_folder(path: Path, seed: int = 0) -> Path:
@@ -32,15 +35,26 @@ def make_target_folder(path: Path, seed: int = 0) -> Path:
 
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>",
-                            chat_template=TEMPLATE).save_pretrained(path)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", chat_template=TEMPLATE
+    ).save_pretrained(path)
     torch.manual_seed(seed)
     # A large init range gives peaked, varied next-token distributions (no near-ties, no uniform
     # soup).
-    cfg = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512, initializer_range=0.3, tie_word_embeddings=False,
-                      eos_token_id=EOS, bos_token_id=None, pad_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=len(WORDS),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.3,
+        tie_word_embeddings=False,
+        eos_token_id=EOS,
+        bos_token_id=None,
+        pad_token_id=0,
+    )
     LlamaForCausalLM(cfg).save_pretrained(path)
     return path
 
@@ -49,10 +63,18 @@ def make_draft(target, seed: int, draft_vocab: int = 12) -> Eagle3Draft:
     """A random draft over a draft vocabulary that skips some target tokens (d2t offsets are
     non-trivial)."""
     torch.manual_seed(seed)
-    cfg = DraftConfig(hidden_size=32, target_hidden_size=32, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=8, intermediate_size=64,
-                      vocab_size=len(WORDS), draft_vocab_size=draft_vocab,
-                      aux_layer_ids=list(target.aux_layer_ids), target_num_layers=8)
+    cfg = DraftConfig(
+        hidden_size=32,
+        target_hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        vocab_size=len(WORDS),
+        draft_vocab_size=draft_vocab,
+        aux_layer_ids=list(target.aux_layer_ids),
+        target_num_layers=8,
+    )
     d = Eagle3Draft(cfg)
     with torch.no_grad():
         for p in d.parameters():
@@ -91,7 +113,7 @@ def greedy_no_cache(target, ids: list[int], n: int) -> list[int]:
     with torch.no_grad():
         for _ in range(n):
             seq.append(int(target.model(torch.tensor([seq])).logits[0, -1].argmax()))
-    return seq[len(ids):]
+    return seq[len(ids) :]
 
 
 class OracleProposer:
@@ -151,8 +173,17 @@ def test_perfect_proposer_gives_tau_k_plus_one(target):
     for k in (1, 3):
         stats = AcceptanceStats(k)
         for p in prompts:
-            generate_speculative(target, OracleProposer(refs, 0.0, 0), p, k, 0.0, 30,
-                                 target.eos_token_ids(), None, stats)
+            generate_speculative(
+                target,
+                OracleProposer(refs, 0.0, 0),
+                p,
+                k,
+                0.0,
+                30,
+                target.eos_token_ids(),
+                None,
+                stats,
+            )
         assert stats.acceptance_length == k + 1
         assert stats.accepted_per_position == [stats.num_drafts] * k
 
@@ -177,6 +208,7 @@ def test_acceptance_accounting_hand_made_trace():
 
 
 # --- sampling: the output distribution is the target's -----------------------------------------
+
 
 def chi2_critical(df: int, z: float = 3.719) -> float:
     """Upper quantile of χ²(df) at significance ~1e-4 (Wilson–Hilferty)."""
@@ -270,8 +302,9 @@ def test_speculative_sampling_matches_target_distribution(target, drafts, monkey
         stats = AcceptanceStats(k)
         counts = torch.zeros(length, len(WORDS))
         for _ in range(n):
-            out = generate_speculative(target, proposer, ids, k, temperature, length, set(), gen,
-                                       stats)
+            out = generate_speculative(
+                target, proposer, ids, k, temperature, length, set(), gen, stats
+            )
             counts[torch.arange(length), torch.tensor(out)] += 1
         assert 0 < stats.accepted_per_position[-1]
         assert stats.num_accepted_tokens < stats.num_draft_tokens
@@ -282,7 +315,9 @@ def test_speculative_sampling_matches_target_distribution(target, drafts, monkey
     monkeypatch.setattr(decode, "accept_sampled", wrong_resample_from_p)
     assert statistic(0) > 1
 
+
 # --- the draft's inference path is the training semantics ----------------------------------------
+
 
 def aux_from_scratch(target, x: list[int]) -> torch.Tensor:
     """The target's aux hidden states for x, one forward without any cache: [1, len(x), 3H]."""
@@ -291,8 +326,9 @@ def aux_from_scratch(target, x: list[int]) -> torch.Tensor:
     return torch.cat([hs[i + 1] for i in target.aux_layer_ids], -1)
 
 
-def dense_chain_logits(draft: Eagle3Draft, aux: torch.Tensor, x: list[int],
-                       chain: list[int]) -> torch.Tensor:
+def dense_chain_logits(
+    draft: Eagle3Draft, aux: torch.Tensor, x: list[int], chain: list[int]
+) -> torch.Tensor:
     """What training (specfast/ttt.py) defines, recomputed densely from scratch for x[0..L]: step 0
     on every position t (token x[t+1], fc(a[t]), RoPE position t, causal attention), then the chain
     at t = L-1: chain token j (a target id) with the previous step's hidden output at position
@@ -314,11 +350,13 @@ def dense_chain_logits(draft: Eagle3Draft, aux: torch.Tensor, x: list[int],
                 scores = scores.masked_fill(~torch.ones(T, S).tril().bool(), float("-inf"))
             out = torch.einsum("bngts,bnsd->bngtd", torch.softmax(scores, -1), V_)
             return out.reshape(1, nh, T, -1)
+
         return fn
 
     with torch.no_grad():
-        h = draft.step(torch.tensor([x[1:]]), draft.fc(aux), torch.arange(L)[None],
-                       attend(True))[:, -1:]
+        h = draft.step(torch.tensor([x[1:]]), draft.fc(aux), torch.arange(L)[None], attend(True))[
+            :, -1:
+        ]
         logits = [draft.logits(h)[0, -1]]
         for j, token in enumerate(chain, 1):
             h = draft.step(torch.tensor([[token]]), h, torch.tensor([[L - 1 + j]]), attend(False))
@@ -356,7 +394,7 @@ def test_proposer_matches_dense_training_semantics(target, drafts):
     proposer.reset()
     cuts = [0, 9, 10, 14, L]
     for a, b in zip(cuts, cuts[1:]):
-        proposer.extend(x[a + 1: b + 1], aux[:, a:b])
+        proposer.extend(x[a + 1 : b + 1], aux[:, a:b])
         got, logits = with_logits(draft, lambda: proposer.propose(k, 0.0, None))
     assert len(proposer.cache) == L + k - 1
     ref = dense_chain_logits(draft, aux, x, got.tokens[:-1])
@@ -400,8 +438,17 @@ def test_decoding_loop_feeds_the_draft_target_features(target, drafts):
         for _ in range(3):
             ids = prompt_ids(target, rng)
             proposer = CheckedProposer(drafts[0], target, ids[0])
-            generate_speculative(target, proposer, ids, 3, temperature, 14, set(),
-                                 torch.Generator().manual_seed(0), stats)
+            generate_speculative(
+                target,
+                proposer,
+                ids,
+                3,
+                temperature,
+                14,
+                set(),
+                torch.Generator().manual_seed(0),
+                stats,
+            )
             checked += proposer.checked
     # Rounds with accepted drafts were re-fed too.
     assert checked >= 10 and stats.num_accepted_tokens > 0
@@ -409,11 +456,20 @@ def test_decoding_loop_feeds_the_draft_target_features(target, drafts):
 
 # --- a prompt set ------------------------------------------------------------------------------
 
+
 def test_evaluate_multi_turn(target, drafts):
     rng = random.Random(5)
     prompts = [[random_prompt(rng, 4), random_prompt(rng, 3)] for _ in range(3)]
-    res = evaluate(target, drafts[0], prompts, k=2, temperature=0.0, max_new_tokens=12,
-                   progress=False, keep_outputs=True)
+    res = evaluate(
+        target,
+        drafts[0],
+        prompts,
+        k=2,
+        temperature=0.0,
+        max_new_tokens=12,
+        progress=False,
+        keep_outputs=True,
+    )
     assert res["greedy_mismatched_turns"] == 0 and res["num_turns"] == 6
     assert res["acceptance_length"] == 1 + res["num_accepted_tokens"] / res["num_drafts"]
     assert res["speculative"]["generated_tokens"] == res["baseline"]["generated_tokens"] > 0

@@ -2,6 +2,7 @@
 references. The Triton kernel runs in the interpreter (conftest sets TRITON_INTERPRET=1) on CPU
 tensors with small odd shapes; the chunked torch path runs natively with a small chunk so several
 chunks and a remainder are exercised."""
+
 import logging
 
 import pytest
@@ -15,8 +16,13 @@ from specfast.kernels import (
 
 # grads are returned in the input dtype: compare at that dtype's rounding (relative to the largest entry)
 GRAD_TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
-BACKENDS = [("triton", torch.float32), ("triton", torch.float16),
-            ("torch", torch.float32), ("torch", torch.float16), ("torch", torch.bfloat16)]
+BACKENDS = [
+    ("triton", torch.float32),
+    ("triton", torch.float16),
+    ("torch", torch.float32),
+    ("torch", torch.float16),
+    ("torch", torch.bfloat16),
+]
 
 
 def _odd(lo, hi):
@@ -27,11 +33,11 @@ def _inputs(T, H, V, dtype, case):
     """hidden, weight, teacher (a view of a bigger tensor when case == 'strided'), mask."""
     scale = 50.0 if case == "large" else 1.0
     hidden = (torch.randn(T, H) * scale).to(dtype)
-    weight = (torch.randn(V, H) / H ** 0.5).to(dtype)
+    weight = (torch.randn(V, H) / H**0.5).to(dtype)
     if case == "strided":
         # the TTT loop passes shifted slices of one tensor; also skip every other row and pad columns
         base = (torch.randn(2 * T + 7, V + 5) * 3).to(dtype)
-        teacher = base[3:3 + 2 * T:2, 2:2 + V]
+        teacher = base[3 : 3 + 2 * T : 2, 2 : 2 + V]
         assert not teacher.is_contiguous()
     elif case == "transposed":  # a column stride other than 1
         teacher = (torch.randn(V, T) * 3).to(dtype).t()
@@ -57,7 +63,7 @@ def _assert_grad_close(actual, expected, dtype, max_logit=0.0):
     """fp32 rounding of a logit of size |z| moves exp(z − lse) by ~|z|·2⁻²⁴ relative, so large
     logits (the ×50 case) loosen the tolerance in proportion."""
     assert actual.dtype == expected.dtype == dtype
-    rel = GRAD_TOL[dtype] + 4 * max_logit * 2.0 ** -24
+    rel = GRAD_TOL[dtype] + 4 * max_logit * 2.0**-24
     tol = rel * max(expected.float().abs().max().item(), 1e-30)
     torch.testing.assert_close(actual.float(), expected.float(), rtol=0, atol=tol)
 
@@ -82,7 +88,9 @@ def _check(backend, dtype, hidden, weight, teacher, mask):
     clear = _clear_rows(hidden, weight)
     assert clear.any()
     assert torch.equal(correct[clear], rcorrect[clear])
-    max_logit = max((hidden.float() @ weight.float().t()).abs().max().item(), teacher.float().abs().max().item())
+    max_logit = max(
+        (hidden.float() @ weight.float().t()).abs().max().item(), teacher.float().abs().max().item()
+    )
     _assert_grad_close(gh, rgh, dtype, max_logit)
     _assert_grad_close(gw, rgw, dtype, max_logit)
 
@@ -145,7 +153,9 @@ def test_ties_go_to_lowest_index(seed, backend):
     teacher[1::2] = (torch.arange(V)[None, :] >= first[1::2, None]).float()  # ties first..V-1
     mask = torch.rand(T) < 0.7
 
-    loss, correct, gh, gw = _run(pruned_vocab_loss, hidden, weight, teacher, mask, backend=backend, chunk_size=5)
+    loss, correct, gh, gw = _run(
+        pruned_vocab_loss, hidden, weight, teacher, mask, backend=backend, chunk_size=5
+    )
     rloss, rcorrect, rgh, rgw = _run(pruned_vocab_loss_reference, hidden, weight, teacher, mask)
     # the construction must make both tie-breaking rules matter, or this test proves nothing
     t_first, t_last = _first_and_last_argmax(teacher)
@@ -186,7 +196,13 @@ def test_nothing_of_size_T_by_V_kept_for_backward(seed, backend):
             return x
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-            fn(hidden.clone().requires_grad_(), weight.clone().requires_grad_(), teacher, mask, **kw)
+            fn(
+                hidden.clone().requires_grad_(),
+                weight.clone().requires_grad_(),
+                teacher,
+                mask,
+                **kw,
+            )
         return max(sizes)
 
     assert biggest_saved(pruned_vocab_loss_reference) >= T * V
@@ -212,6 +228,7 @@ def test_unknown_backend_is_an_error():
 # --------------------------------------------------------------------------------------------------
 # full_vocab_argmax
 # --------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 4096])
 def test_full_vocab_argmax_matches_dense(seed, chunk_size):

@@ -1,5 +1,6 @@
 """Hidden-state shards: format, round trip, reader (given batches, prefetch, resume through the
 batch plan), bad data, crash safety."""
+
 import gc
 import json
 import os
@@ -23,8 +24,14 @@ H = 16
 
 
 def config(**over):
-    c = dict(target="test/tiny", aux_layer_ids=[1, 4, 7], aux_layer_convention=AUX_LAYER_CONVENTION,
-             hidden_size=H, tokenizer_hash="tok-1234", extra={"note": "test"})
+    c = dict(
+        target="test/tiny",
+        aux_layer_ids=[1, 4, 7],
+        aux_layer_convention=AUX_LAYER_CONVENTION,
+        hidden_size=H,
+        tokenizer_hash="tok-1234",
+        extra={"note": "test"},
+    )
     c.update(over)
     return c
 
@@ -34,10 +41,12 @@ def make_samples(count, seed, *, argmax=True, max_len=90, hidden=H):
     out = []
     for _ in range(count):
         n = int(torch.randint(1, max_len + 1, (1,), generator=g))
-        s = dict(input_ids=torch.randint(0, 50_000, (n,), generator=g),
-                 loss_mask=torch.rand(n, generator=g) > 0.3,
-                 aux_hidden=torch.randn(n, 3 * hidden, generator=g),
-                 final_hidden=torch.randn(n, hidden, generator=g))
+        s = dict(
+            input_ids=torch.randint(0, 50_000, (n,), generator=g),
+            loss_mask=torch.rand(n, generator=g) > 0.3,
+            aux_hidden=torch.randn(n, 3 * hidden, generator=g),
+            final_hidden=torch.randn(n, hidden, generator=g),
+        )
         if argmax:
             s["target_argmax"] = torch.randint(0, 50_000, (n,), generator=g)
         out.append(s)
@@ -73,16 +82,23 @@ def dataset_dir(tmp_path_factory):
 
 # ----------------------------------------------------------------------------- checksums
 
+
 def test_xxh64_known_answers_and_streaming():
-    vectors = [(0, b"", 0xEF46DB3751D8E999), (0, b"a", 0xD24EC4F1A98C6E5B),
-               (0, b"abc", 0x44BC2CF5AD770999), (0, b"1234", 0xD8316E61D84F6BA4),
-               (0, b"12345678", 0xD2D02F08CF7CFD4A), (0, b"123456789012345", 0xC377D78ADE001A3C),
-               (0, b"1234567890123456", 0xB61C33DC6C59F270),
-               (0, b"1234567890123456789012345678901", 0x8F367CB873A5376E),
-               (0, b"12345678901234567890123456789012", 0x40FD1AA52D98274C),
-               (0, b"The quick brown fox jumps over the lazy dog", 0x0B242D361FDA71BC),
-               (5381, b"", 0xAF382146D5C3CACF), (5381, b"abc", 0x19D1C1B5C673451F),
-               (5381, b"12345678901234567890123456789012", 0x38EA26E7C55F8095)]
+    vectors = [
+        (0, b"", 0xEF46DB3751D8E999),
+        (0, b"a", 0xD24EC4F1A98C6E5B),
+        (0, b"abc", 0x44BC2CF5AD770999),
+        (0, b"1234", 0xD8316E61D84F6BA4),
+        (0, b"12345678", 0xD2D02F08CF7CFD4A),
+        (0, b"123456789012345", 0xC377D78ADE001A3C),
+        (0, b"1234567890123456", 0xB61C33DC6C59F270),
+        (0, b"1234567890123456789012345678901", 0x8F367CB873A5376E),
+        (0, b"12345678901234567890123456789012", 0x40FD1AA52D98274C),
+        (0, b"The quick brown fox jumps over the lazy dog", 0x0B242D361FDA71BC),
+        (5381, b"", 0xAF382146D5C3CACF),
+        (5381, b"abc", 0x19D1C1B5C673451F),
+        (5381, b"12345678901234567890123456789012", 0x38EA26E7C55F8095),
+    ]
     for seed, data, want in vectors:
         assert _shardio.xxh64(data, seed) == want, data
     data = os.urandom(1000)
@@ -93,8 +109,10 @@ def test_xxh64_known_answers_and_streaming():
 
 # ----------------------------------------------------------------------------- round trip
 
-@pytest.mark.parametrize("dtype,index_dtype,argmax", [("bfloat16", "int32", True),
-                                                      ("float32", "int64", False)])
+
+@pytest.mark.parametrize(
+    "dtype,index_dtype,argmax", [("bfloat16", "int32", True), ("float32", "int64", False)]
+)
 def test_round_trip(tmp_path, dtype, index_dtype, argmax):
     samples = make_samples(23, seed=2, argmax=argmax, max_len=120)
     write(tmp_path, samples, shard_tokens=257, dtype=dtype, index_dtype=index_dtype)
@@ -154,8 +172,10 @@ def test_safe_open_compatible_and_4k_aligned(dataset_dir):
         with safe_open(str(file), framework="pt") as f:
             assert f.metadata()["aux_layer_convention"] == AUX_LAYER_CONVENTION
             offsets = f.get_tensor("offsets")
-            tensors = {k: f.get_tensor(k) for k in ("aux_hidden", "final_hidden", "input_ids",
-                                                   "loss_mask", "target_argmax")}
+            tensors = {
+                k: f.get_tensor(k)
+                for k in ("aux_hidden", "final_hidden", "input_ids", "loss_mask", "target_argmax")
+            }
             assert f.get_tensor("sample_checksum").dtype == torch.uint64
         assert offsets[0] == 0 and offsets[-1] == entry["tokens"]
         for j in range(entry["samples"]):
@@ -166,6 +186,7 @@ def test_safe_open_compatible_and_4k_aligned(dataset_dir):
 
 
 # ----------------------------------------------------------------------------- reader
+
 
 def test_permutation_is_pinned_and_seeded():
     # The definition is ours (SplitMix64 + Fisher-Yates): a change here breaks resumed runs.
@@ -220,8 +241,13 @@ def test_reader_yields_exactly_the_given_batches_in_order(dataset_dir):
     path, samples = dataset_dir
     ds = ShardDataset(path)
     budget = int(ds.sample_lengths.max()) * 3
-    given = [np.array([5]), np.array([36, 0, 5]), np.array([2, 2], dtype=np.int32),
-             np.arange(3, 0, -1), [7, 8]]  # repeats, any order, any integer dtype or a list
+    given = [
+        np.array([5]),
+        np.array([36, 0, 5]),
+        np.array([2, 2], dtype=np.int32),
+        np.arange(3, 0, -1),
+        [7, 8],
+    ]  # repeats, any order, any integer dtype or a list
     source = [np.asarray(g).copy() for g in given]
     with ShardReader(ds, iter(source), budget, prefetch=2) as r:
         got = list(r)
@@ -285,9 +311,12 @@ def test_reader_resumes_through_the_plan_position(dataset_dir):
 def test_reader_rejects_sample_longer_than_budget_and_bad_args(dataset_dir):
     ds = ShardDataset(dataset_dir[0])
     longest = int(ds.sample_lengths.max())
-    with pytest.raises(ValueError, match=rf"longest is dataset sample \d+ "
-                                         rf"\(shard-\d+\.safetensors, sample \d+\) "
-                                         rf"with {longest} tokens"):
+    with pytest.raises(
+        ValueError,
+        match=rf"longest is dataset sample \d+ "
+        rf"\(shard-\d+\.safetensors, sample \d+\) "
+        rf"with {longest} tokens",
+    ):
         ShardReader(ds, [], batch_tokens=longest - 1)
     with pytest.raises(ValueError, match="num_threads"):
         ShardReader(ds, [], longest, num_threads=0)
@@ -298,14 +327,21 @@ def test_reader_rejects_sample_longer_than_budget_and_bad_args(dataset_dir):
             ShardReader(ds, [], longest, pin_memory=True)
 
 
-@pytest.mark.parametrize("bad,error,msg", [
-    (np.arange(37), ValueError, r"batch 1 holds \d+ tokens in 37 samples, more than "
-                                r"batch_tokens="),
-    (np.array([], dtype=np.int64), ValueError, "batch 1 must be a non-empty 1-D integer array"),
-    (np.array([[1, 2]]), ValueError, "batch 1 must be a non-empty 1-D integer array"),
-    (np.array([1.0]), ValueError, "batch 1 must be a non-empty 1-D integer array"),
-    (np.array([3, 37]), IndexError, r"batch 1: sample index 37 out of range \[0, 37\)"),
-])
+@pytest.mark.parametrize(
+    "bad,error,msg",
+    [
+        (
+            np.arange(37),
+            ValueError,
+            r"batch 1 holds \d+ tokens in 37 samples, more than "
+            r"batch_tokens=",
+        ),
+        (np.array([], dtype=np.int64), ValueError, "batch 1 must be a non-empty 1-D integer array"),
+        (np.array([[1, 2]]), ValueError, "batch 1 must be a non-empty 1-D integer array"),
+        (np.array([1.0]), ValueError, "batch 1 must be a non-empty 1-D integer array"),
+        (np.array([3, 37]), IndexError, r"batch 1: sample index 37 out of range \[0, 37\)"),
+    ],
+)
 def test_reader_bad_batch_fails_at_its_turn(dataset_dir, bad, error, msg):
     path, samples = dataset_dir
     ds = ShardDataset(path)
@@ -330,6 +366,7 @@ def test_abandoned_reader_keeps_yielded_batch_intact(dataset_dir):
 
 
 # ----------------------------------------------------------------------------- bad data
+
 
 @pytest.fixture
 def small_ds(tmp_path):
@@ -380,14 +417,20 @@ def test_truncated_shard(small_ds):
     ds = ShardDataset(path)
     cut = tensor_start(shard, "final_hidden") - 4096  # inside aux_hidden of the last sample
     os.truncate(shard, cut)
-    with pytest.raises(ShardError, match=rf"shard-000001\.safetensors is truncated: {cut} bytes, "
-                                         rf"the manifest says {size}"):
+    with pytest.raises(
+        ShardError,
+        match=rf"shard-000001\.safetensors is truncated: {cut} bytes, "
+        rf"the manifest says {size}",
+    ):
         ShardDataset(path)
     # Truncated under an open dataset: the read names file and sample.
     base = ds.manifest["shards"][0]["samples"]
     last = base + ds.manifest["shards"][1]["samples"] - 1
-    with pytest.raises(ShardError, match=rf"truncated shard: .*shard-000001\.safetensors, sample "
-                                         rf"\d+ of that shard \(dataset sample {last}\)"):
+    with pytest.raises(
+        ShardError,
+        match=rf"truncated shard: .*shard-000001\.safetensors, sample "
+        rf"\d+ of that shard \(dataset sample {last}\)",
+    ):
         ds.read_sample(last)
 
 
@@ -404,8 +447,11 @@ def test_damaged_header(small_ds):
     path, _ = small_ds
     shard = path / "shard-000000.safetensors"
     flip_byte(shard, 40)  # inside the JSON
-    with pytest.raises(ShardError, match=r"shard-000000\.safetensors: damaged header: header "
-                                         r"checksum mismatch"):
+    with pytest.raises(
+        ShardError,
+        match=r"shard-000000\.safetensors: damaged header: header "
+        r"checksum mismatch",
+    ):
         ShardDataset(path)
     with open(shard, "r+b") as f:  # an absurd header length
         f.write(struct.pack("<Q", 1 << 40))
@@ -434,9 +480,16 @@ def test_missing_shard_and_bad_manifest(small_ds):
         ShardDataset(path)
 
 
-@pytest.mark.parametrize("key,value", [("hidden_size", 32), ("aux_layer_ids", [2, 5, 8]),
-                                       ("dtype", "float32"), ("tokenizer_hash", "other"),
-                                       ("target", "test/other")])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("hidden_size", 32),
+        ("aux_layer_ids", [2, 5, 8]),
+        ("dtype", "float32"),
+        ("tokenizer_hash", "other"),
+        ("target", "test/other"),
+    ],
+)
 def test_manifest_disagrees_with_expectation(dataset_dir, key, value):
     path, _ = dataset_dir
     have = config(dtype="bfloat16")[key]
@@ -465,10 +518,14 @@ def test_writer_validates_samples(tmp_path):
     cases = [
         ({k: v for k, v in good.items() if k != "loss_mask"}, "missing \\['loss_mask'\\]"),
         ({**good, "aux_hidden": good["aux_hidden"][:, :H]}, rf"aux_hidden has shape \[{n}, {H}\]"),
-        ({**good, "final_hidden": torch.full((n, H), float("nan"))},
-         "final_hidden holds NaN or inf at token 0"),
-        ({**good, "aux_hidden": torch.full((n, 3 * H), 3.4e38)},  # finite in fp32, inf in bf16
-         r"aux_hidden holds NaN or inf at token 0 \(after casting to BF16\)"),
+        (
+            {**good, "final_hidden": torch.full((n, H), float("nan"))},
+            "final_hidden holds NaN or inf at token 0",
+        ),
+        (
+            {**good, "aux_hidden": torch.full((n, 3 * H), 3.4e38)},  # finite in fp32, inf in bf16
+            r"aux_hidden holds NaN or inf at token 0 \(after casting to BF16\)",
+        ),
         ({**good, "input_ids": good["input_ids"].float()}, "integer token ids"),
         ({**good, "input_ids": torch.full((n,), 2**31)}, "token ids must lie in"),
         ({**good, "loss_mask": torch.full((n,), 2)}, "bool or 0/1"),
@@ -493,12 +550,15 @@ def test_incomplete_capture_resume_config_and_lock(tmp_path):
     done = ShardDataset(tmp_path, allow_incomplete=True)
     with pytest.raises(ShardError, match=r"the capture has not finished"):
         ShardDataset(tmp_path)
-    with pytest.raises(ShardError, match=r"captured with a different config \(hidden_size is 16, "
-                                         r"expected 32"):
+    with pytest.raises(
+        ShardError,
+        match=r"captured with a different config \(hidden_size is 16, "
+        r"expected 32",
+    ):
         ShardWriter(tmp_path, config(hidden_size=32))
     with ShardWriter(tmp_path, config()) as w:
         assert w.num_samples_done == len(done) > 0
-        for s in samples[w.num_samples_done:]:
+        for s in samples[w.num_samples_done :]:
             w.add(s)
     ds = ShardDataset(tmp_path)
     assert len(ds) == len(samples)

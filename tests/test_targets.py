@@ -1,6 +1,7 @@
 """The Hugging Face target backend on the real embedded SmolLM2: teacher logits equal the model's
 own, packed rows equal per-document runs, the aux layers are the right hidden states, and the
 decoding methods (cached forward with cropping, generate) agree with a plain forward."""
+
 import pytest
 import torch
 
@@ -29,8 +30,9 @@ def test_teacher_logits_equal_the_targets_own_logits(smollm2_dir, seed):
     torch.testing.assert_close(teacher, full.logits[0][:, draft_ids].float(), rtol=1e-4, atol=1e-4)
     assert torch.equal(out.argmax, full.logits[0].argmax(-1))
     # aux = outputs of layers 1, 14, 26 = HF hidden_states[2], [15], [27]
-    torch.testing.assert_close(out.aux_hidden,
-                               torch.cat([full.hidden_states[i][0] for i in (2, 15, 27)], -1))
+    torch.testing.assert_close(
+        out.aux_hidden, torch.cat([full.hidden_states[i][0] for i in (2, 15, 27)], -1)
+    )
 
 
 def test_packed_row_equals_separate_documents(tiny_target_dir, seed):
@@ -41,9 +43,12 @@ def test_packed_row_equals_separate_documents(tiny_target_dir, seed):
     packed = target.forward_packed(torch.cat(docs), doc_ids)
     alone = [target.forward_packed(d, torch.zeros(len(d), dtype=torch.long)) for d in docs]
     for field in ("aux_hidden", "final_hidden"):
-        torch.testing.assert_close(getattr(packed, field),
-                                   torch.cat([getattr(a, field) for a in alone]),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            getattr(packed, field),
+            torch.cat([getattr(a, field) for a in alone]),
+            rtol=1e-5,
+            atol=1e-5,
+        )
     assert torch.equal(packed.argmax, torch.cat([a.argmax for a in alone]))
 
 
@@ -56,8 +61,9 @@ def test_cached_forward_with_crop_equals_one_forward(tiny_target_dir, seed):
     ref_logits = target.teacher_logits(ref.final_hidden, torch.arange(target.vocab_size))
     cache = target.new_cache()
     target.forward_cached(ids[:12], cache)
-    logits, aux = target.forward_cached(ids[12:16] + [7, 8, 9], cache, with_aux=True,
-                                        logits_to_keep=7)
+    logits, aux = target.forward_cached(
+        ids[12:16] + [7, 8, 9], cache, with_aux=True, logits_to_keep=7
+    )
     torch.testing.assert_close(logits[:4], ref_logits[12:16], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(aux[0, :4], ref.aux_hidden[12:16], rtol=1e-4, atol=1e-4)
     assert len(cache) == 19

@@ -1,6 +1,7 @@
 """The trainer end to end on a tiny target: learning happens, a run killed with SIGKILL resumes to the
 exact same losses as an uninterrupted one, export writes what vLLM/SGLang load and refuses bad input,
 and the CLI answers bad input with one line."""
+
 import json
 import os
 import subprocess
@@ -32,24 +33,53 @@ sys.exit(main(sys.argv[1:]))
 
 def run_cli(args, env_extra=None, driver=None):
     env = dict(os.environ, **(env_extra or {}))
-    cmd = [sys.executable, "-c", driver, *args] if driver else [sys.executable, "-m", "specfast", *args]
+    cmd = (
+        [sys.executable, "-c", driver, *args]
+        if driver
+        else [sys.executable, "-m", "specfast", *args]
+    )
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
 def train_args(data, target, out, steps=8):
-    return ["train", "--data", str(data), "--target", str(target), "--out", str(out), "--max-steps", str(steps),
-            "--save-every", "2", "--ttt-steps", "3", "--batch-tokens", "160", "--warmup-steps", "2",
-            "--no-progress", "--no-tensorboard"]
+    return [
+        "train",
+        "--data",
+        str(data),
+        "--target",
+        str(target),
+        "--out",
+        str(out),
+        "--max-steps",
+        str(steps),
+        "--save-every",
+        "2",
+        "--ttt-steps",
+        "3",
+        "--batch-tokens",
+        "160",
+        "--warmup-steps",
+        "2",
+        "--no-progress",
+        "--no-tensorboard",
+    ]
 
 
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, tiny_prepared, tiny_target_dir):
     full = run_cli(train_args(tiny_prepared, tiny_target_dir, tmp_path / "full"))
     assert full.returncode == 0, full.stderr[-2000:]
 
-    killed = run_cli(train_args(tiny_prepared, tiny_target_dir, tmp_path / "cut"), {"KILL_AT_STEP": "5"}, KILL_DRIVER)
+    killed = run_cli(
+        train_args(tiny_prepared, tiny_target_dir, tmp_path / "cut"),
+        {"KILL_AT_STEP": "5"},
+        KILL_DRIVER,
+    )
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert [r["step"] for r in read_metrics(tmp_path / "cut" / "metrics.jsonl")] == [1, 2, 3, 4, 5]
-    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == [
+        "step_00000002",
+        "step_00000004",
+    ]
 
     resumed = run_cli(train_args(tiny_prepared, tiny_target_dir, tmp_path / "cut") + ["--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -60,15 +90,29 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, tiny_prepared, t
     assert [r["step_loss"] for r in a] == [r["step_loss"] for r in b]
     assert [r["lr"] for r in a] == [r["lr"] for r in b]
 
-    mismatch = run_cli(train_args(tiny_prepared, tiny_target_dir, tmp_path / "cut", steps=8) + ["--resume", "--lr", "0.1"])
+    mismatch = run_cli(
+        train_args(tiny_prepared, tiny_target_dir, tmp_path / "cut", steps=8)
+        + ["--resume", "--lr", "0.1"]
+    )
     assert mismatch.returncode == 2 and "cannot resume with changed settings: lr" in mismatch.stderr
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_prepared, tiny_target_dir):
     out = tmp_path_factory.mktemp("run")
-    cfg = TrainConfig(data=str(tiny_prepared), target=str(tiny_target_dir), out=str(out), max_steps=30, ttt_steps=2,
-                      batch_tokens=200, lr=3e-3, warmup_steps=3, save_every=10, progress=False, tensorboard=True)
+    cfg = TrainConfig(
+        data=str(tiny_prepared),
+        target=str(tiny_target_dir),
+        out=str(out),
+        max_steps=30,
+        ttt_steps=2,
+        batch_tokens=200,
+        lr=3e-3,
+        warmup_steps=3,
+        save_every=10,
+        progress=False,
+        tensorboard=True,
+    )
     return out, train(cfg)
 
 
@@ -79,7 +123,15 @@ def test_training_learns_and_writes_metrics_plot_tensorboard(trained_run):
     first = sum(r["loss"] for r in rows[:5]) / 5
     last = sum(r["loss"] for r in rows[-5:]) / 5
     assert last < 0.9 * first, (first, last)
-    assert {"acc", "cond_acc", "sim_accept_len", "step_loss", "lr", "grad_norm", "tokens_per_s"} <= set(rows[-1])
+    assert {
+        "acc",
+        "cond_acc",
+        "sim_accept_len",
+        "step_loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+    } <= set(rows[-1])
     assert len(rows[-1]["acc"]) == 2 and rows[-1]["sim_accept_len"] >= 1.0
     assert (out / "metrics.png").stat().st_size > 1000
     assert any((out / "tensorboard").iterdir())
@@ -92,8 +144,14 @@ def test_export_layout_loads_back(trained_run, tmp_path):
     cfg = json.loads((exp / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["model_type"] == "llama"
     assert cfg["num_hidden_layers"] == 1 and cfg["norm_before_residual"] is False
-    assert cfg["rope_theta"] == 10000.0 and cfg["rope_scaling"] is None  # plain RoPE, as vLLM expects
-    assert cfg["vocab_size"] == 49152 and cfg["draft_vocab_size"] == 64 and cfg["target_hidden_size"] == 32
+    assert (
+        cfg["rope_theta"] == 10000.0 and cfg["rope_scaling"] is None
+    )  # plain RoPE, as vLLM expects
+    assert (
+        cfg["vocab_size"] == 49152
+        and cfg["draft_vocab_size"] == 64
+        and cfg["target_hidden_size"] == 32
+    )
     # tiny target has 8 layers: default outputs [1, 3, 4]; vLLM ids are one higher, SGLang's the same
     assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 3, 4]
     assert cfg["eagle_aux_hidden_state_layer_ids"] == [2, 4, 5]
@@ -103,8 +161,14 @@ def test_export_layout_loads_back(trained_run, tmp_path):
         assert f.get_tensor("fc.weight").dtype == torch.bfloat16
         assert f.get_tensor("d2t").dtype == torch.int64 and f.get_tensor("t2d").dtype == torch.bool
     assert "embed_tokens.weight" not in names
-    assert {"fc.weight", "lm_head.weight", "norm.weight", "midlayer.hidden_norm.weight",
-            "midlayer.self_attn.q_proj.weight", "midlayer.mlp.down_proj.weight"} <= names
+    assert {
+        "fc.weight",
+        "lm_head.weight",
+        "norm.weight",
+        "midlayer.hidden_norm.weight",
+        "midlayer.self_attn.q_proj.weight",
+        "midlayer.mlp.down_proj.weight",
+    } <= names
     tensors, dcfg = read_export(exp)
     assert tensors["midlayer.self_attn.q_proj.weight"].shape[1] == 2 * dcfg.hidden_size
 
@@ -114,7 +178,11 @@ def test_export_refuses_inconsistent_checkpoints(trained_run, tmp_path):
 
     out, _ = trained_run
     ckpt = sorted((out / "checkpoints").iterdir())[-1]
-    meta = {"config": json.dumps(json.loads(safe_open(str(ckpt / "draft.safetensors"), "pt").metadata()["config"]))}
+    meta = {
+        "config": json.dumps(
+            json.loads(safe_open(str(ckpt / "draft.safetensors"), "pt").metadata()["config"])
+        )
+    }
     for breakage, message in [("d2t", "d2t"), ("nan", "NaN"), ("drop", "missing")]:
         bad = tmp_path / f"bad_{breakage}"
         bad.mkdir()
@@ -141,12 +209,28 @@ def test_cli_bad_input_gives_one_line(tmp_path, tiny_prepared):
         (["train", "--config", str(bad_yaml)], "bad.yaml:2: invalid YAML"),
         (["train", "--config", str(unknown)], "unknown key 'learning_rate'"),
         (["train", "--data", str(tiny_prepared), "--ttt-steps", "0"], "ttt_steps must be ≥ 1"),
-        (["export", str(tmp_path), "--out", str(tmp_path / "x")], "neither a checkpoint nor a training run"),
-        (["prepare", "--input", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "p"),
-          "--target", str(tmp_path / "nomodel")], "no such folder"),
+        (
+            ["export", str(tmp_path), "--out", str(tmp_path / "x")],
+            "neither a checkpoint nor a training run",
+        ),
+        (
+            [
+                "prepare",
+                "--input",
+                str(tmp_path / "missing.jsonl"),
+                "--out",
+                str(tmp_path / "p"),
+                "--target",
+                str(tmp_path / "nomodel"),
+            ],
+            "no such folder",
+        ),
     ]
     for args, expected in cases:
         r = run_cli(args)
         assert r.returncode == 2, (args, r.stderr[-1500:])
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-        assert len(lines) == 1 and expected in lines[0] and "Traceback" not in r.stderr, (args, r.stderr[-1500:])
+        assert len(lines) == 1 and expected in lines[0] and "Traceback" not in r.stderr, (
+            args,
+            r.stderr[-1500:],
+        )

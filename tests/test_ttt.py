@@ -1,5 +1,6 @@
 """The TTT unroll (specfast.ttt) against an independent dense-mask reference written here with explicit
 loops: which token, hidden state, RoPE position, keys and teacher row each (step, position) uses."""
+
 import math
 
 import pytest
@@ -10,9 +11,18 @@ from specfast.ttt import PackedBatch, ttt_metrics, ttt_unroll
 
 
 def tiny_draft(vocab=50, draft_vocab=12, hidden=16, heads=4, kv_heads=2):
-    cfg = DraftConfig(hidden_size=hidden, target_hidden_size=hidden, num_attention_heads=heads,
-                      num_key_value_heads=kv_heads, head_dim=hidden // heads * 2, intermediate_size=24,
-                      vocab_size=vocab, draft_vocab_size=draft_vocab, aux_layer_ids=[1, 2, 3], rope_theta=100.0)
+    cfg = DraftConfig(
+        hidden_size=hidden,
+        target_hidden_size=hidden,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // heads * 2,
+        intermediate_size=24,
+        vocab_size=vocab,
+        draft_vocab_size=draft_vocab,
+        aux_layer_ids=[1, 2, 3],
+        rope_theta=100.0,
+    )
     draft = Eagle3Draft(cfg)
     draft.set_vocab(torch.randperm(vocab)[:draft_vocab].sort().values)
     draft.attach_target(torch.randn(vocab, hidden, dtype=torch.float32))
@@ -24,8 +34,11 @@ def random_batch(doc_lengths, vocab=50, draft_vocab=12, hidden=16):
     doc_ids = torch.cat([torch.full((n,), d) for d, n in enumerate(doc_lengths)])
     positions = torch.cat([torch.arange(n) for n in doc_lengths])
     return PackedBatch(
-        input_ids=torch.randint(0, vocab, (T,)), doc_ids=doc_ids, positions=positions,
-        loss_mask=torch.rand(T) < 0.7, aux_hidden=torch.randn(T, 3 * hidden, dtype=torch.float32),
+        input_ids=torch.randint(0, vocab, (T,)),
+        doc_ids=doc_ids,
+        positions=positions,
+        loss_mask=torch.rand(T) < 0.7,
+        aux_hidden=torch.randn(T, 3 * hidden, dtype=torch.float32),
         teacher_logits=torch.randn(T, draft_vocab, dtype=torch.float32) * 3,
         target_in_vocab=torch.rand(T) < 0.85,
     )
@@ -44,14 +57,18 @@ def reference_unroll(draft, b: PackedBatch, steps: int):
         tok = torch.tensor([int(b.input_ids[t + 1 + k]) if t + 1 + k < T else 0 for t in range(T)])
         pos = torch.tensor([int(b.positions[t]) + k for t in range(T)])
         cos, sin = draft.rotary(pos[None], h_prev.dtype)
-        x = torch.cat([layer.input_layernorm(draft.embed(tok)), layer.hidden_norm(h_prev)], -1)[None]
+        x = torch.cat([layer.input_layernorm(draft.embed(tok)), layer.hidden_norm(h_prev)], -1)[
+            None
+        ]
         q, kk, vv = attn.qkv(x, cos, sin)  # [1, heads, T, hd]
         K.append(kk[0].transpose(0, 1))
         V.append(vv[0].transpose(0, 1))
         outs = []
         for t in range(T):
             # visible keys: (step 0, j ≤ t, same doc) and (step s in 1..k, position t)
-            vis = [(0, j) for j in range(t + 1) if b.doc_ids[j] == b.doc_ids[t]] + [(s, t) for s in range(1, k + 1)]
+            vis = [(0, j) for j in range(t + 1) if b.doc_ids[j] == b.doc_ids[t]] + [
+                (s, t) for s in range(1, k + 1)
+            ]
             head_out = []
             for hq in range(nh):
                 hk = hq // (nh // nkv)
@@ -63,24 +80,34 @@ def reference_unroll(draft, b: PackedBatch, steps: int):
         h = h_prev + attn.o_proj(a)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         logits = draft.logits(h)
-        valid = torch.tensor([t + 2 + k < T and bool(b.doc_ids[t + 2 + k] == b.doc_ids[t])
-                              and bool(b.loss_mask[t + 2 + k]) and bool(b.target_in_vocab[t + 1 + k])
-                              for t in range(T)])
+        valid = torch.tensor(
+            [
+                t + 2 + k < T
+                and bool(b.doc_ids[t + 2 + k] == b.doc_ids[t])
+                and bool(b.loss_mask[t + 2 + k])
+                and bool(b.target_in_vocab[t + 1 + k])
+                for t in range(T)
+            ]
+        )
         ce = []
         for t in range(T):
             if valid[t]:
                 p = torch.softmax(b.teacher_logits[t + 1 + k], -1)
                 ce.append(-(p * torch.log_softmax(logits[t], -1)).sum())
         loss_k = torch.stack(ce).mean() if ce else logits.sum() * 0
-        total = total + 0.8 ** k * loss_k
-        teacher_arg = torch.stack([b.teacher_logits[min(t + 1 + k, T - 1)] for t in range(T)]).argmax(-1)
+        total = total + 0.8**k * loss_k
+        teacher_arg = torch.stack(
+            [b.teacher_logits[min(t + 1 + k, T - 1)] for t in range(T)]
+        ).argmax(-1)
         step_correct.append(logits.argmax(-1) == teacher_arg)
         step_valid.append(valid)
         h_prev = h
     return total, torch.stack(step_correct), torch.stack(step_valid)
 
 
-@pytest.mark.parametrize("doc_lengths,steps", [([9], 3), ([5, 1, 7, 4], 3), ([6, 8], 1), ([3, 11], 4)])
+@pytest.mark.parametrize(
+    "doc_lengths,steps", [([9], 3), ([5, 1, 7, 4], 3), ([6, 8], 1), ([3, 11], 4)]
+)
 def test_unroll_matches_dense_reference(seed, doc_lengths, steps):
     draft = tiny_draft()
     b = random_batch(doc_lengths)
@@ -91,8 +118,12 @@ def test_unroll_matches_dense_reference(seed, doc_lengths, steps):
     assert int(((res.correct ^ ref_correct) & res.valid).sum()) <= 1
     # the kernels accumulate in fp32 by definition, so fp32-level agreement is the bar
     torch.testing.assert_close(res.loss, ref_loss, rtol=1e-5, atol=1e-5)
-    g = torch.autograd.grad(res.loss, [draft.fc.weight, draft.midlayer.self_attn.q_proj.weight, draft.lm_head.weight])
-    g_ref = torch.autograd.grad(ref_loss, [draft.fc.weight, draft.midlayer.self_attn.q_proj.weight, draft.lm_head.weight])
+    g = torch.autograd.grad(
+        res.loss, [draft.fc.weight, draft.midlayer.self_attn.q_proj.weight, draft.lm_head.weight]
+    )
+    g_ref = torch.autograd.grad(
+        ref_loss, [draft.fc.weight, draft.midlayer.self_attn.q_proj.weight, draft.lm_head.weight]
+    )
     for a, r in zip(g, g_ref):
         torch.testing.assert_close(a, r, rtol=1e-3, atol=1e-5)
 

@@ -1,5 +1,6 @@
 """The fused TTT attention paths (Triton under TRITON_INTERPRET=1, and the CPU torch path) held to the
 dense-mask reference: output and the gradients of q, keys and values, on fresh random inputs."""
+
 import logging
 
 import pytest
@@ -29,7 +30,9 @@ def strided_kv(S, B, Hkv, L, D, dtype):
 
 
 def run_and_compare(backend, S, B, Hq, Hkv, L, D, n_docs, dtype, scale=None):
-    q = torch.randn(B, L, Hq, D, dtype=dtype).transpose(1, 2).requires_grad_()  # a projection's layout
+    q = (
+        torch.randn(B, L, Hq, D, dtype=dtype).transpose(1, 2).requires_grad_()
+    )  # a projection's layout
     keys = strided_kv(S, B, Hkv, L, D, dtype).requires_grad_()
     values = strided_kv(S, B, Hkv, L, D, dtype).requires_grad_()
     assert not keys.is_contiguous()
@@ -86,7 +89,10 @@ def test_custom_scale_and_one_token_documents(seed, backend):
     ref = ttt_attention_reference(q, keys, values, doc_ids, scale=0.3)
     torch.testing.assert_close(out, ref, **TOL[torch.float32])
     g = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (q, keys, values), g), torch.autograd.grad(ref, (q, keys, values), g)):
+    for a, b in zip(
+        torch.autograd.grad(out, (q, keys, values), g),
+        torch.autograd.grad(ref, (q, keys, values), g),
+    ):
         torch.testing.assert_close(a, b, **TOL[torch.float32])
 
 
@@ -136,7 +142,9 @@ def test_non_contiguous_documents_rejected():
 def test_auto_dispatch_on_cpu_says_torch_path(caplog):
     from specfast.kernels import _dispatch
 
-    _dispatch._said.difference_update({k for k in _dispatch._said if k.startswith("ttt_attention.")})
+    _dispatch._said.difference_update(
+        {k for k in _dispatch._said if k.startswith("ttt_attention.")}
+    )
     q = torch.randn(1, 2, 8, 64)
     keys = values = torch.randn(2, 1, 2, 8, 64)
     with caplog.at_level(logging.INFO, logger="specfast.kernels"):
@@ -151,7 +159,7 @@ def test_auto_dispatch_on_cpu_says_torch_path(caplog):
 # needed, as the JIT would specialise them for contiguous 16-byte-aligned bf16 tensors, and reads the
 # register spills and shared memory of each tile choice. Run in a subprocess: the kernels in this
 # process were defined for the interpreter.
-_COMPILE_FOR_SM90 = r'''
+_COMPILE_FOR_SM90 = r"""
 import importlib, json, os, subprocess, tempfile, sys
 import torch, triton
 from triton.backends.compiler import GPUTarget
@@ -187,7 +195,7 @@ for D in (64, 128):
         stack = int(usage.split("STACK:")[1].split()[0])
         result.append(dict(D=D, kind=kind, shared=k.metadata.shared, stack=stack))
 print(json.dumps(result))
-'''
+"""
 
 
 @pytest.mark.slow
@@ -198,12 +206,17 @@ def test_triton_kernels_compile_for_sm90_without_heavy_spills():
     import sys
 
     triton = pytest.importorskip("triton")
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+    if not os.path.exists(
+        os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    ):
         pytest.skip("this Triton wheel ships no ptxas")
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    res = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], capture_output=True, text=True,
-                         env=env)
+    res = subprocess.run(
+        [sys.executable, "-c", _COMPILE_FOR_SM90], capture_output=True, text=True, env=env
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     for r in json.loads(res.stdout.strip().splitlines()[-1]):
-        assert r["shared"] <= 99 * 1024, r  # fits every GPU since Ampere, not only the H100's 227 KiB
+        assert r["shared"] <= 99 * 1024, (
+            r
+        )  # fits every GPU since Ampere, not only the H100's 227 KiB
         assert r["stack"] <= 128, r  # a few spilled registers at most

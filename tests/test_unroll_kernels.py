@@ -1,6 +1,7 @@
 """The per-step elementwise chain of the fused unroll (rms_norm, add_rms_norm, rope, swiglu): Triton
 under TRITON_INTERPRET=1 and the torch path held to the plain-PyTorch references, forward and the
 gradients of every differentiable input, on fresh random inputs of odd sizes."""
+
 import logging
 
 import pytest
@@ -24,15 +25,16 @@ B = 2
 def strided(shape, dtype, pad=7):
     """A slice of a wider buffer: the row stride is not the row length."""
     *lead, n = shape
-    return torch.randn(*lead, n + pad, dtype=dtype)[..., 3:3 + n]
+    return torch.randn(*lead, n + pad, dtype=dtype)[..., 3 : 3 + n]
 
 
 def assert_grads_match(fast_outs, ref_outs, inputs, tol):
     """Outputs equal, then the gradients of `inputs` for one random upstream gradient per output."""
     for i, (a, b) in enumerate(zip(fast_outs, ref_outs)):
         assert a.dtype == b.dtype and a.shape == b.shape, f"output {i}"
-        torch.testing.assert_close(a.float(), b.float(), **tol,
-                                   msg=lambda m, i=i: f"output {i}: {m}")
+        torch.testing.assert_close(
+            a.float(), b.float(), **tol, msg=lambda m, i=i: f"output {i}: {m}"
+        )
     ups = [torch.randn_like(b) for b in ref_outs]
     got = torch.autograd.grad(fast_outs, inputs, ups)
     want = torch.autograd.grad(ref_outs, inputs, ups)
@@ -210,7 +212,7 @@ def test_auto_dispatch_on_cpu_says_torch_path_once(caplog):
 # output as under autocast, H = 4096, 32 heads of 128. Reads each kernel's spills and whether rope's
 # sin/cos became the approximate instructions (wrong at large angles). In a subprocess: the kernels
 # in this process were defined for the interpreter.
-_COMPILE_FOR_SM90 = r'''
+_COMPILE_FOR_SM90 = r"""
 import importlib, json, os, subprocess, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
@@ -256,7 +258,7 @@ for fn, ptrs, consts, warps in cases:
     result.append(dict(kernel=fn.__name__, stack=int(usage.split("STACK:")[1].split()[0]),
                        approx_trig="sin.approx" in ptx or "cos.approx" in ptx))
 print(json.dumps(result))
-'''
+"""
 
 
 @pytest.mark.slow
@@ -270,8 +272,12 @@ def test_triton_kernels_compile_for_sm90_without_spills():
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     if not os.path.exists(os.path.join(bin_dir, "ptxas")):
         pytest.skip("this Triton wheel ships no ptxas")
-    res = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], capture_output=True, text=True,
-                         env={**os.environ, "TRITON_INTERPRET": "0"})
+    res = subprocess.run(
+        [sys.executable, "-c", _COMPILE_FOR_SM90],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRITON_INTERPRET": "0"},
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     results = json.loads(res.stdout.strip().splitlines()[-1])
     assert len(results) == 5

@@ -8,6 +8,7 @@ whitespace the template adds after the end-of-turn token — are that turn's ans
 marked through the fast tokenizer's character offsets, so the mask is right whatever the template's
 special tokens are.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,12 +27,17 @@ class Tokenized:
 
 
 def _render(tokenizer, messages, add_generation_prompt: bool, template: str | None) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, chat_template=template,
-                                         add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(
+        messages,
+        tokenize=False,
+        chat_template=template,
+        add_generation_prompt=add_generation_prompt,
+    )
 
 
-def encode_prompt(tokenizer, messages: list[dict], where: str,
-                  template: str | None = None) -> list[int]:
+def encode_prompt(
+    tokenizer, messages: list[dict], where: str, template: str | None = None
+) -> list[int]:
     """Token ids of `messages` rendered with the generation prompt (no extra special tokens)."""
     try:
         text = _render(tokenizer, messages, True, template)
@@ -43,8 +49,9 @@ def encode_prompt(tokenizer, messages: list[dict], where: str,
     return list(ids)
 
 
-def assistant_spans(tokenizer, messages: list[dict],
-                    template: str | None = None) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(
+    tokenizer, messages: list[dict], template: str | None = None
+) -> tuple[str, list[tuple[int, int]]]:
     """The rendered text and the character spans of each assistant answer (end-of-turn token
     included)."""
     full = _render(tokenizer, messages, False, template)
@@ -55,16 +62,19 @@ def assistant_spans(tokenizer, messages: list[dict],
         prompt = _render(tokenizer, messages[:i], True, template)
         upto = _render(tokenizer, messages[: i + 1], False, template)
         if not (full.startswith(upto) and upto.startswith(prompt)):
-            raise TemplateError(f"chat template does not render turn {i} as a prefix of the "
-                                "conversation; the assistant mask cannot be derived from it")
-        end = len(prompt) + len(upto[len(prompt):].rstrip())
+            raise TemplateError(
+                f"chat template does not render turn {i} as a prefix of the "
+                "conversation; the assistant mask cannot be derived from it"
+            )
+        end = len(prompt) + len(upto[len(prompt) :].rstrip())
         if end > len(prompt):
             spans.append((len(prompt), end))
     return full, spans
 
 
-def tokenize_conversation(tokenizer, messages: list[dict],
-                          template: str | None = None) -> Tokenized:
+def tokenize_conversation(
+    tokenizer, messages: list[dict], template: str | None = None
+) -> Tokenized:
     """Token ids of the templated conversation and the assistant-token mask."""
     if not getattr(tokenizer, "is_fast", False):
         raise TemplateError("a fast tokenizer (with character offsets) is required")

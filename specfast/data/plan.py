@@ -20,6 +20,7 @@ resume on a different number of ranks.
 The C++ extension supplies the fast path (`permutation`, a seeded Fisher-Yates with a fixed
 definition, and `pack_batches`); this module is their only caller.
 """
+
 from __future__ import annotations
 
 from typing import Iterator, Protocol
@@ -39,8 +40,10 @@ def check_same_order(saved: dict, seed: int, batch_tokens: int) -> None:
     """A data position only means something under the seed and token budget that produced it."""
     saved = {"batch_tokens": saved.get("budget"), **saved}  # checkpoints of 0.1 said "budget"
     if saved["seed"] != seed or saved["batch_tokens"] != batch_tokens:
-        raise ValueError(f"checkpoint data order (seed {saved['seed']}, batch_tokens {saved['batch_tokens']}) "
-                         f"differs from this run's (seed {seed}, batch_tokens {batch_tokens})")
+        raise ValueError(
+            f"checkpoint data order (seed {saved['seed']}, batch_tokens {saved['batch_tokens']}) "
+            f"differs from this run's (seed {seed}, batch_tokens {batch_tokens})"
+        )
 
 
 class BatchPlan:
@@ -49,17 +52,28 @@ class BatchPlan:
     `eligible`: the sample indices to draw from (default all), in their unshuffled order.
     """
 
-    def __init__(self, lengths: np.ndarray, batch_tokens: int, seed: int = 0, *,
-                 eligible: np.ndarray | None = None, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        lengths: np.ndarray,
+        batch_tokens: int,
+        seed: int = 0,
+        *,
+        eligible: np.ndarray | None = None,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if batch_tokens < 1:
             raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.lengths = np.minimum(np.asarray(lengths, dtype=np.int64), batch_tokens)
         n = len(self.lengths)
-        self.eligible = np.arange(n, dtype=np.int64) if eligible is None \
+        self.eligible = (
+            np.arange(n, dtype=np.int64)
+            if eligible is None
             else np.asarray(eligible, dtype=np.int64)
+        )
         if len(self.eligible) == 0:
             raise ValueError("no samples to train on")
         self.batch_tokens, self.seed, self.shuffle = int(batch_tokens), int(seed), shuffle
@@ -128,7 +142,12 @@ class BatchPlan:
             yield ids
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "batch_tokens": self.batch_tokens}
+        return {
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "seed": self.seed,
+            "batch_tokens": self.batch_tokens,
+        }
 
     def load_state_dict(self, s: dict) -> None:
         check_same_order(s, self.seed, self.batch_tokens)

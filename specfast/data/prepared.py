@@ -10,6 +10,7 @@
 It is one of the two sample sources of the batching pipeline (specfast.pipeline): `lengths()` for the
 batch plan, `read()` for a batch's tokens.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,10 +39,15 @@ def read_vocab(folder: Path, coverage: float = float("nan")) -> DraftVocab:
 
 
 def write_vocab(folder: Path, vocab: DraftVocab, counts: np.ndarray) -> None:
-    atomic_save_safetensors({
-        "draft_ids": vocab.draft_ids, "d2t": vocab.d2t, "t2d": vocab.t2d,
-        "counts": torch.from_numpy(counts.astype(np.int64)),
-    }, Path(folder) / VOCAB_FILE)
+    atomic_save_safetensors(
+        {
+            "draft_ids": vocab.draft_ids,
+            "d2t": vocab.d2t,
+            "t2d": vocab.t2d,
+            "counts": torch.from_numpy(counts.astype(np.int64)),
+        },
+        Path(folder) / VOCAB_FILE,
+    )
 
 
 @dataclass
@@ -78,32 +84,47 @@ class PreparedData:
         root = Path(root)
         meta_path = root / "meta.json"
         if not meta_path.is_file():
-            raise FileNotFoundError(f"{root}: not a prepared dataset (no meta.json; run "
-                                    "`specfast prepare` first, or it did not finish)")
+            raise FileNotFoundError(
+                f"{root}: not a prepared dataset (no meta.json; run "
+                "`specfast prepare` first, or it did not finish)"
+            )
         meta = json.loads(meta_path.read_text())
         if meta.get("format") != FORMAT:
             raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
         data = load_file(str(root / "data.safetensors"))
         offsets = data["offsets"]
         n = data["input_ids"].numel()
-        if offsets.numel() < 1 or int(offsets[0]) != 0 or int(offsets[-1]) != n \
-                or bool((offsets[1:] < offsets[:-1]).any()):
+        if (
+            offsets.numel() < 1
+            or int(offsets[0]) != 0
+            or int(offsets[-1]) != n
+            or bool((offsets[1:] < offsets[:-1]).any())
+        ):
             raise ValueError(f"{root / 'data.safetensors'}: offsets do not describe {n} tokens")
         vocab = read_vocab(root, float(meta["vocab"]["coverage"]))
         return PreparedData(root, data["input_ids"], data["loss_mask"].bool(), offsets, vocab, meta)
 
     @staticmethod
-    def save(root: Path, input_ids: np.ndarray, loss_mask: np.ndarray, lengths: list[int],
-             vocab: DraftVocab, counts: np.ndarray, meta: dict) -> None:
+    def save(
+        root: Path,
+        input_ids: np.ndarray,
+        loss_mask: np.ndarray,
+        lengths: list[int],
+        vocab: DraftVocab,
+        counts: np.ndarray,
+        meta: dict,
+    ) -> None:
         root.mkdir(parents=True, exist_ok=True)
         (root / "meta.json").unlink(missing_ok=True)  # incomplete until the new meta lands
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        atomic_save_safetensors({
-            "input_ids": torch.from_numpy(input_ids.astype(np.int32)),
-            "loss_mask": torch.from_numpy(loss_mask.astype(np.uint8)),
-            "offsets": torch.from_numpy(offsets),
-        }, root / "data.safetensors")
+        atomic_save_safetensors(
+            {
+                "input_ids": torch.from_numpy(input_ids.astype(np.int32)),
+                "loss_mask": torch.from_numpy(loss_mask.astype(np.uint8)),
+                "offsets": torch.from_numpy(offsets),
+            },
+            root / "data.safetensors",
+        )
         write_vocab(root, vocab, counts)
         atomic_write_json(root / "meta.json", {"format": FORMAT, **meta})
-

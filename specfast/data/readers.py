@@ -5,6 +5,7 @@ complete record is recovered.
 
 `record_turns` parses one record into its turns with canonical roles; `normalise` makes a
 training conversation of them, and eval picks the user turns (specfast/eval/prompts.py)."""
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,14 @@ from pathlib import Path
 from typing import Iterator
 
 ROLE_ALIASES = {
-    "human": "user", "user": "user",
-    "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bard": "assistant",
-    "bing": "assistant", "model": "assistant",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "model": "assistant",
     "system": "system",
 }
 
@@ -90,8 +96,9 @@ def normalise(record, where: str) -> list[dict]:
     return messages
 
 
-def _iter_json_array(path: Path, text: str, stats: ReadStats,
-                     strict: bool) -> Iterator[tuple[str, object]]:
+def _iter_json_array(
+    path: Path, text: str, stats: ReadStats, strict: bool
+) -> Iterator[tuple[str, object]]:
     decoder = json.JSONDecoder()
     n = len(text)
     i = text.index("[") + 1
@@ -106,21 +113,24 @@ def _iter_json_array(path: Path, text: str, stats: ReadStats,
             obj, end = decoder.raw_decode(text, i)
         except json.JSONDecodeError as e:
             if not cut_off:
-                raise RecordError(f"{path}: array index {index}",
-                                  f"invalid JSON ({e.msg} at char {e.pos})") from None
+                raise RecordError(
+                    f"{path}: array index {index}", f"invalid JSON ({e.msg} at char {e.pos})"
+                ) from None
             # The file stops mid-record: everything from here on is the lost tail.
             stats.truncated_bytes = len(text[i:].encode("utf-8", "replace"))
             if strict:
-                raise RecordError(f"{path}: array index {index}",
-                                  "the file is cut off inside this record") from None
+                raise RecordError(
+                    f"{path}: array index {index}", "the file is cut off inside this record"
+                ) from None
             return
         yield f"{path}: array index {index}", obj
         index += 1
         i = end
 
 
-def iter_records(path: str | Path, stats: ReadStats | None = None,
-                 strict: bool = False) -> Iterator[tuple[str, object]]:
+def iter_records(
+    path: str | Path, stats: ReadStats | None = None, strict: bool = False
+) -> Iterator[tuple[str, object]]:
     """Yield (where, raw record) from a .json array (possibly cut off) or JSONL file. Lines of JSONL
     that do not parse are counted in `stats` and skipped; `strict`, they and a cut-off array raise
     RecordError instead."""
@@ -147,8 +157,9 @@ def iter_records(path: str | Path, stats: ReadStats | None = None,
                 stats.note_bad(err)
 
 
-def iter_conversations(path: str | Path,
-                       stats: ReadStats | None = None) -> Iterator[tuple[str, list[dict]]]:
+def iter_conversations(
+    path: str | Path, stats: ReadStats | None = None
+) -> Iterator[tuple[str, list[dict]]]:
     """Yield (where, messages) for every usable record; bad ones are counted in `stats` and
     skipped."""
     stats = stats if stats is not None else ReadStats()

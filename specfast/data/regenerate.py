@@ -2,6 +2,7 @@
 context, so the draft learns the distribution it will be asked to predict. Batched over
 conversations, turn by turn; finished conversations are appended to a JSONL file, so a killed run
 resumes where it stopped."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,9 @@ from .chat import encode_prompt
 log = logging.getLogger("specfast")
 
 
-def _answers(target, wheres: list[str], contexts: list[list[dict]], temperature: float,
-             max_new_tokens: int) -> list[str]:
+def _answers(
+    target, wheres: list[str], contexts: list[list[dict]], temperature: float, max_new_tokens: int
+) -> list[str]:
     tok = target.tokenizer
     prompts = [encode_prompt(tok, m, w) for w, m in zip(wheres, contexts)]
     answers = target.generate(prompts, max_new_tokens, temperature)
@@ -47,9 +49,15 @@ def _resume(path: Path) -> dict[str, list[dict]]:
     return done
 
 
-def regenerate(target, convs: list[tuple[str, list[dict]]], path: Path, temperature: float = 0.0,
-               batch_size: int = 8, max_new_tokens: int = 512,
-               seed: int = 0) -> list[tuple[str, list[dict]]]:
+def regenerate(
+    target,
+    convs: list[tuple[str, list[dict]]],
+    path: Path,
+    temperature: float = 0.0,
+    batch_size: int = 8,
+    max_new_tokens: int = 512,
+    seed: int = 0,
+) -> list[tuple[str, list[dict]]]:
     done = _resume(path) if path.exists() else {}
     if path.exists():
         log.info("regenerate: resuming, %d of %d conversations already done", len(done), len(convs))
@@ -57,7 +65,7 @@ def regenerate(target, convs: list[tuple[str, list[dict]]], path: Path, temperat
     torch.manual_seed(seed)
     with open(path, "a") as f:
         for start in tqdm(range(0, len(todo), batch_size), desc="regenerate", unit="batch"):
-            batch = todo[start: start + batch_size]
+            batch = todo[start : start + batch_size]
             # Keep system and user turns; the answers become the target's own, one turn at a time.
             new = [[m for m in msgs if m["role"] == "system"] for _, msgs in batch]
             users = [[m for m in msgs if m["role"] == "user"] for _, msgs in batch]
@@ -65,8 +73,13 @@ def regenerate(target, convs: list[tuple[str, list[dict]]], path: Path, temperat
                 active = [i for i, u in enumerate(users) if turn < len(u)]
                 for i in active:
                     new[i].append(users[i][turn])
-                answers = _answers(target, [batch[i][0] for i in active], [new[i] for i in active],
-                                   temperature, max_new_tokens)
+                answers = _answers(
+                    target,
+                    [batch[i][0] for i in active],
+                    [new[i] for i in active],
+                    temperature,
+                    max_new_tokens,
+                )
                 for i, ans in zip(active, answers):
                     new[i].append({"role": "assistant", "content": ans})
             for (where, _), msgs in zip(batch, new):

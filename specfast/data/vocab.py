@@ -1,5 +1,6 @@
 """Draft vocabulary: the V_draft most frequent target tokens among supervised positions, ties
 broken by token id, stored sorted ascending, with the d2t / t2d maps vLLM and SGLang load."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,8 +37,10 @@ def select_draft_vocab(counts: np.ndarray, draft_vocab_size: int) -> DraftVocab:
     counts = np.asarray(counts, dtype=np.int64)
     v = counts.shape[0]
     if not 0 < draft_vocab_size <= v:
-        raise ValueError(f"draft vocabulary size {draft_vocab_size} must be in [1, {v}] "
-                         "(the target's vocabulary)")
+        raise ValueError(
+            f"draft vocabulary size {draft_vocab_size} must be in [1, {v}] "
+            "(the target's vocabulary)"
+        )
     # lexsort sorts by the last key first: count descending, then id ascending.
     order = np.lexsort((np.arange(v), -counts))[:draft_vocab_size]
     chosen = np.sort(order)

@@ -13,6 +13,7 @@ Greedy (temperature 0) accepts d_j iff it equals the target's argmax, so the out
 own greedy output. Sampling uses speculative rejection sampling, which leaves the target's
 distribution unchanged (Leviathan et al. 2023; Chen et al. 2023).
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,8 +42,9 @@ def accept_greedy(target_logits: torch.Tensor, proposals: list[int]) -> tuple[in
     return n, best[n]
 
 
-def accept_sampled(p: torch.Tensor, q: torch.Tensor, proposals: list[int],
-                   generator: torch.Generator | None) -> tuple[int, int]:
+def accept_sampled(
+    p: torch.Tensor, q: torch.Tensor, proposals: list[int], generator: torch.Generator | None
+) -> tuple[int, int]:
     """Speculative rejection sampling. p [K+1, V]: the target's probabilities at the verification
     rows; q [K, V]: the draft's, over target ids (zero outside the draft vocabulary). Draft token
     x_j is accepted with probability min(1, p_j(x)/q_j(x)); at the first rejection the next token
@@ -68,8 +70,14 @@ def _stop(tokens: list[int], eos_ids: set[int], max_new_tokens: int) -> tuple[li
     return tokens[:max_new_tokens], len(tokens) >= max_new_tokens
 
 
-def generate_plain(target, prompt_ids: list[int], temperature: float, max_new_tokens: int,
-                   eos_ids: set[int], generator: torch.Generator | None = None) -> list[int]:
+def generate_plain(
+    target,
+    prompt_ids: list[int],
+    temperature: float,
+    max_new_tokens: int,
+    eos_ids: set[int],
+    generator: torch.Generator | None = None,
+) -> list[int]:
     """The target alone, one token per forward (the baseline)."""
     cache = target.new_cache()
     logits, _ = target.forward_cached(prompt_ids, cache)
@@ -82,9 +90,17 @@ def generate_plain(target, prompt_ids: list[int], temperature: float, max_new_to
         logits, _ = target.forward_cached(out[-1:], cache)
 
 
-def generate_speculative(target, proposer, prompt_ids: list[int], k: int, temperature: float,
-                         max_new_tokens: int, eos_ids: set[int], generator: torch.Generator | None,
-                         stats: AcceptanceStats) -> list[int]:
+def generate_speculative(
+    target,
+    proposer,
+    prompt_ids: list[int],
+    k: int,
+    temperature: float,
+    max_new_tokens: int,
+    eos_ids: set[int],
+    generator: torch.Generator | None,
+    stats: AcceptanceStats,
+) -> list[int]:
     """Chain speculative decoding (see the module docstring). `proposer` has reset(),
     extend(next_tokens, aux_hidden) and propose(k, temperature, generator) -> Proposal
     (specfast.eval.proposer)."""
@@ -103,13 +119,15 @@ def generate_speculative(target, proposer, prompt_ids: list[int], k: int, temper
         if len(proposal.tokens) != k:
             raise RuntimeError(f"proposer returned {len(proposal.tokens)} tokens, asked for {k}")
         length = len(cache)
-        logits, aux = target.forward_cached(out[-1:] + proposal.tokens, cache, with_aux=True,
-                                            logits_to_keep=k + 1)
+        logits, aux = target.forward_cached(
+            out[-1:] + proposal.tokens, cache, with_aux=True, logits_to_keep=k + 1
+        )
         if temperature == 0:
             n, nxt = accept_greedy(logits, proposal.tokens)
         else:
-            n, nxt = accept_sampled(torch.softmax(logits / temperature, dim=-1), proposal.q,
-                                    proposal.tokens, generator)
+            n, nxt = accept_sampled(
+                torch.softmax(logits / temperature, dim=-1), proposal.q, proposal.tokens, generator
+            )
         stats.observe(n)
         new = proposal.tokens[:n] + [nxt]
         cache.crop(length + n + 1)  # keeps x[L], d1..dn; the rejected drafts' entries go

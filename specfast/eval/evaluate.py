@@ -1,5 +1,6 @@
 """`evaluate`: acceptance length by real speculative decoding over a prompt set, against the target
 alone for the timing baseline; and the report (JSON + a PNG of acceptance by draft position)."""
+
 from __future__ import annotations
 
 import logging
@@ -29,8 +30,9 @@ def load_for_eval(draft_path: str | Path, target_name: str, device: str | torch.
     from specfast.targets import load_target
 
     tensors, cfg = read_draft(draft_path)
-    target = load_target(target_name, device=resolve_device(device),
-                         aux_layer_ids=cfg.aux_layer_ids)
+    target = load_target(
+        target_name, device=resolve_device(device), aux_layer_ids=cfg.aux_layer_ids
+    )
     return target, draft_from_weights(tensors, cfg, target, str(draft_path))
 
 
@@ -50,8 +52,9 @@ def _as_prompts(prompts) -> list[Prompt]:
     return out
 
 
-def _run_conversation(target, prompt: Prompt, generate_turn,
-                      eos: set[int]) -> tuple[list[list[int]], float]:
+def _run_conversation(
+    target, prompt: Prompt, generate_turn, eos: set[int]
+) -> tuple[list[list[int]], float]:
     """Answer the user turns in order, each answer kept in the context (every turn prefills the
     whole conversation afresh, on both sides alike). Returns (per-turn outputs, seconds spent
     generating: prefill + decoding, not tokenisation)."""
@@ -71,13 +74,26 @@ def _run_conversation(target, prompt: Prompt, generate_turn,
 
 
 def _speed(tokens: int, seconds: float) -> dict:
-    return {"generated_tokens": tokens, "seconds": round(seconds, 3),
-            "tokens_per_s": tokens / seconds if seconds > 0 else None}
+    return {
+        "generated_tokens": tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": tokens / seconds if seconds > 0 else None,
+    }
 
 
-def evaluate(target, draft, prompts, k: int = 3, temperature: float = 0.0,
-             max_new_tokens: int = 256, *, baseline: bool = True, seed: int = 0,
-             progress: bool = True, keep_outputs: bool = False) -> dict:
+def evaluate(
+    target,
+    draft,
+    prompts,
+    k: int = 3,
+    temperature: float = 0.0,
+    max_new_tokens: int = 256,
+    *,
+    baseline: bool = True,
+    seed: int = 0,
+    progress: bool = True,
+    keep_outputs: bool = False,
+) -> dict:
     """Speculative decoding of every prompt with `draft` proposing `k` tokens per step, verified by
     `target` (a TargetModel that decodes).
 
@@ -111,31 +127,45 @@ def evaluate(target, draft, prompts, k: int = 3, temperature: float = 0.0,
         return generate_plain(target, ids, temperature, max_new_tokens, eos, gen_base)
 
     def speculative(stats):
-        return lambda ids: generate_speculative(target, proposer, ids, k, temperature,
-                                                max_new_tokens, eos, gen_spec, stats)
+        return lambda ids: generate_speculative(
+            target, proposer, ids, k, temperature, max_new_tokens, eos, gen_spec, stats
+        )
 
     # Warm-up (untimed): the first forwards pay one-off allocation and dispatch costs.
     first = prompts[0]
-    warm_ids = encode_prompt(target.tokenizer, [{"role": "user", "content": first.turns[0]}],
-                             first.where)
+    warm_ids = encode_prompt(
+        target.tokenizer, [{"role": "user", "content": first.turns[0]}], first.where
+    )
     generate_plain(target, warm_ids, temperature, 2, eos, torch.Generator().manual_seed(seed))
-    generate_speculative(target, proposer, warm_ids, k, temperature, k + 2, eos,
-                         torch.Generator().manual_seed(seed), AcceptanceStats(k))
+    generate_speculative(
+        target,
+        proposer,
+        warm_ids,
+        k,
+        temperature,
+        k + 2,
+        eos,
+        torch.Generator().manual_seed(seed),
+        AcceptanceStats(k),
+    )
 
     total = AcceptanceStats(k)
     spec_tokens = spec_seconds = base_tokens = base_seconds = 0
     mismatched_turns, num_turns, per_prompt = 0, 0, []
-    for prompt in tqdm(prompts, desc="eval", unit="prompt", disable=not progress,
-                       mininterval=1.0):
+    for prompt in tqdm(prompts, desc="eval", unit="prompt", disable=not progress, mininterval=1.0):
         stats = AcceptanceStats(k)
         spec_out, secs = _run_conversation(target, prompt, speculative(stats), eos)
         spec_seconds += secs
         spec_tokens += sum(map(len, spec_out))
         total.merge(stats)
         num_turns += len(prompt.turns)
-        entry = {"where": prompt.where, "turns": len(prompt.turns),
-                 "generated_tokens": sum(map(len, spec_out)), "num_drafts": stats.num_drafts,
-                 "acceptance_length": stats.acceptance_length}
+        entry = {
+            "where": prompt.where,
+            "turns": len(prompt.turns),
+            "generated_tokens": sum(map(len, spec_out)),
+            "num_drafts": stats.num_drafts,
+            "acceptance_length": stats.acceptance_length,
+        }
         if baseline:
             base_out, secs = _run_conversation(target, prompt, plain, eos)
             base_seconds += secs
@@ -152,8 +182,10 @@ def evaluate(target, draft, prompts, k: int = 3, temperature: float = 0.0,
                 entry["baseline_outputs"] = base_out
         per_prompt.append(entry)
     if mismatched_turns:
-        log.warning("%d turn(s) differ between greedy speculative decoding and the target alone",
-                    mismatched_turns)
+        log.warning(
+            "%d turn(s) differ between greedy speculative decoding and the target alone",
+            mismatched_turns,
+        )
 
     spec = _speed(spec_tokens, spec_seconds)
     base = _speed(base_tokens, base_seconds) if baseline else None
@@ -193,8 +225,11 @@ def plot_acceptance(results: dict, path: str | Path) -> Path:
     ax.set_ylim(0, 1.08)
     ax.set_xlabel("draft position")
     ax.set_ylabel("accepted / verification steps")
-    ax.set_title(f"acceptance by position — τ = {results['acceptance_length']:.2f} "
-                 f"(K={results['num_spec_tokens']}, T={results['temperature']})", fontsize=9)
+    ax.set_title(
+        f"acceptance by position — τ = {results['acceptance_length']:.2f} "
+        f"(K={results['num_spec_tokens']}, T={results['temperature']})",
+        fontsize=9,
+    )
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:

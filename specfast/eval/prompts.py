@@ -8,6 +8,7 @@ Chat records are read as `specfast prepare` reads them (specfast.data.readers, i
 included), then only the user turns and a system message before the first of them are kept: the
 answers are the target's own. Unlike training data, a bad record or line is an error, not skipped.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

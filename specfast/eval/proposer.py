@@ -16,6 +16,7 @@ After verification the speculative keys/values are dropped and the accepted posi
 through `extend` from the target's features: the draft's cache for accepted positions comes from
 target features, never from its own speculative hidden states (as in vLLM).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -54,8 +55,10 @@ class DraftKVCache:
         keys = self.k.repeat_interleave(nh // nkv, dim=1)
         values = self.v.repeat_interleave(nh // nkv, dim=1)
         T, S = q.shape[2], keys.shape[2]
-        visible = (torch.arange(S, device=q.device)[None, :]
-                   <= start + torch.arange(T, device=q.device)[:, None])
+        visible = (
+            torch.arange(S, device=q.device)[None, :]
+            <= start + torch.arange(T, device=q.device)[:, None]
+        )
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
 
 

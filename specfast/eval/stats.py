@@ -12,6 +12,7 @@
 Like vLLM, a draft counts what the verifier accepted before stop checks (EOS, max tokens) cut the
 emitted tokens short.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -47,8 +48,9 @@ class AcceptanceStats:
         self.num_drafts += other.num_drafts
         self.num_draft_tokens += other.num_draft_tokens
         self.num_accepted_tokens += other.num_accepted_tokens
-        self.accepted_per_position = [a + b for a, b in zip(self.accepted_per_position,
-                                                             other.accepted_per_position)]
+        self.accepted_per_position = [
+            a + b for a, b in zip(self.accepted_per_position, other.accepted_per_position)
+        ]
 
     @property
     def acceptance_length(self) -> float:

@@ -7,6 +7,7 @@ A checkpoint counts once its `state.json` exists (the trainer writes the folder 
 optimizer, RNG states and data position beside the draft). This module is the one place that reads
 and writes the draft file and finds checkpoints, for train, export and eval.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,8 +52,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def save_draft_weights(draft, folder: str | Path) -> Path:
     """Write `draft`'s trainable tensors and config as `folder/draft.safetensors`."""
     path = Path(folder) / DRAFT_FILE
-    atomic_save_safetensors(draft.trainable_state_dict(), path,
-                            metadata={"config": json.dumps(draft.config.to_dict())})
+    atomic_save_safetensors(
+        draft.trainable_state_dict(), path, metadata={"config": json.dumps(draft.config.to_dict())}
+    )
     return path
 
 

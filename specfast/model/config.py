@@ -1,5 +1,6 @@
 """DraftConfig: the draft's shape, copied from the target's config, plus the draft vocabulary size
 and the aux layer ids. Checkpoints store it; export turns it into vLLM/SGLang config.json."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
@@ -35,8 +36,9 @@ class DraftConfig:
         # transformers 5 keeps rope fields in `rope_parameters` (mirrored as `rope_scaling`); older
         # configs have `rope_theta` plus an optional `rope_scaling`. Plain RoPE exports
         # rope_scaling null.
-        rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None)
-                    or {})
+        rope = dict(
+            getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+        )
         rope_theta = rope.pop("rope_theta", getattr(cfg, "rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         scaling = rope if rope_type != "default" else None

@@ -9,6 +9,7 @@
 The token embedding is the target's, frozen and not saved. `attend` is a callback so the training
 unroll (TTT attention over several steps) and the inference loop (a KV cache) share the layer.
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,20 +39,25 @@ class RotaryEmbedding(nn.Module):
         from transformers import LlamaConfig
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-        lc = LlamaConfig(hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
-                         head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings,
-                         rope_parameters=cfg.rope_parameters())
+        lc = LlamaConfig(
+            hidden_size=cfg.hidden_size,
+            num_attention_heads=cfg.num_attention_heads,
+            head_dim=cfg.head_dim,
+            max_position_embeddings=cfg.max_position_embeddings,
+            rope_parameters=cfg.rope_parameters(),
+        )
         rope_type = cfg.rope_parameters()["rope_type"]
         if rope_type == "default":
             exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim
-            inv_freq = 1.0 / (cfg.rope_theta ** exponents)
+            inv_freq = 1.0 / (cfg.rope_theta**exponents)
             self.attention_scaling = 1.0
         else:
             inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](lc, None)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
 
-    def forward(self, positions: torch.Tensor,
-                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[..., None] * self.inv_freq  # [..., T, D/2]
         emb = torch.cat([freqs, freqs], dim=-1)
         scale = self.attention_scaling
@@ -148,8 +154,12 @@ class Eagle3Draft(nn.Module):
     def draft_ids(self) -> torch.Tensor:
         return self.d2t + torch.arange(self.d2t.numel(), device=self.d2t.device)
 
-    def attach_target(self, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor | None = None,
-                      final_norm_weight: torch.Tensor | None = None) -> None:
+    def attach_target(
+        self,
+        embed_weight: torch.Tensor,
+        lm_head_weight: torch.Tensor | None = None,
+        final_norm_weight: torch.Tensor | None = None,
+    ) -> None:
         """Share the target's frozen embeddings; optionally start lm_head and norm from the target's
         own rows (a far better start than random for a short run)."""
         self.embed_tokens = embed_weight.detach()
@@ -161,8 +171,9 @@ class Eagle3Draft(nn.Module):
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         if self.embed_tokens.numel() == 0:
-            raise RuntimeError("draft has no token embeddings: "
-                               "call attach_target(target.embed_weight()) first")
+            raise RuntimeError(
+                "draft has no token embeddings: call attach_target(target.embed_weight()) first"
+            )
         return F.embedding(token_ids, self.embed_tokens).to(self.fc.weight.dtype)
 
     def step(self, token_ids, h, positions, attend):

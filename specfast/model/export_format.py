@@ -4,6 +4,7 @@ config.json (`specfast export` writes it) and back (eval reads exports).
     model.safetensors  weights (fc, midlayer.*, norm, lm_head), d2t int64, t2d bool; no embed_tokens
     config.json        LlamaForCausalLMEagle3 config; aux layer ids in each loader's own convention
 """
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ checkpoint) and `load_draft` makes them a ready draft beside the target they wer
 Stored weights are checked against their config before use (`check_draft_tensors`): names, shapes,
 finite values, vocabulary maps and aux layers, so a bad checkpoint fails by name, not mid-decode.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,9 +27,11 @@ def new_draft(target, vocab, init_from_target: bool, device: torch.device) -> Ea
     cfg = DraftConfig.from_target(target.hf_config, vocab.size, target.aux_layer_ids)
     draft = Eagle3Draft(cfg).to(device)
     draft.set_vocab(vocab.draft_ids)
-    draft.attach_target(target.embed_weight(),
-                        target.lm_head_weight() if init_from_target else None,
-                        target.final_norm_weight() if init_from_target else None)
+    draft.attach_target(
+        target.embed_weight(),
+        target.lm_head_weight() if init_from_target else None,
+        target.final_norm_weight() if init_from_target else None,
+    )
     return draft
 
 
@@ -38,20 +41,24 @@ def check_draft_tensors(tensors: dict, cfg: DraftConfig, where: str) -> None:
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
-        raise DraftFormatError(f"{where}: tensors do not match the draft config "
-                               f"(missing {missing}, unexpected {extra})")
+        raise DraftFormatError(
+            f"{where}: tensors do not match the draft config "
+            f"(missing {missing}, unexpected {extra})"
+        )
     for k, shape in expected.items():
         t = tensors[k]
         if tuple(t.shape) != tuple(shape):
-            raise DraftFormatError(f"{where}: {k} has shape {tuple(t.shape)}, "
-                                   f"config says {tuple(shape)}")
+            raise DraftFormatError(
+                f"{where}: {k} has shape {tuple(t.shape)}, config says {tuple(shape)}"
+            )
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise DraftFormatError(f"{where}: {k} holds NaN or Inf")
     draft_ids = tensors["d2t"].long() + torch.arange(cfg.draft_vocab_size)
     ascending = not bool((draft_ids[1:] <= draft_ids[:-1]).any())
     if not ascending or int(draft_ids[0]) < 0 or int(draft_ids[-1]) >= cfg.vocab_size:
-        raise DraftFormatError(f"{where}: d2t does not map to strictly ascending target ids "
-                               f"in [0, {cfg.vocab_size})")
+        raise DraftFormatError(
+            f"{where}: d2t does not map to strictly ascending target ids in [0, {cfg.vocab_size})"
+        )
     t2d = tensors["t2d"].bool()
     if int(t2d.sum()) != cfg.draft_vocab_size or not bool(t2d[draft_ids].all()):
         raise DraftFormatError(f"{where}: t2d disagrees with d2t")
@@ -78,10 +85,12 @@ def read_export(folder: str | Path) -> tuple[dict, DraftConfig]:
 
     folder = Path(folder)
     if not is_export(folder):
-        raise FileNotFoundError(f"{folder}: not an EAGLE-3 export "
-                                f"(needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-    cfg = config_from_export(json.loads((folder / CONFIG_FILE).read_text()),
-                             str(folder / CONFIG_FILE))
+        raise FileNotFoundError(
+            f"{folder}: not an EAGLE-3 export (needs {CONFIG_FILE} and {WEIGHTS_FILE})"
+        )
+    cfg = config_from_export(
+        json.loads((folder / CONFIG_FILE).read_text()), str(folder / CONFIG_FILE)
+    )
     tensors = load_file(str(folder / WEIGHTS_FILE))
     tensors.pop("embed_tokens.weight", None)  # other trainers may ship the target's embeddings
     check_draft_tensors(tensors, cfg, str(folder))
@@ -99,29 +108,39 @@ def read_draft(path: str | Path) -> tuple[dict, DraftConfig]:
 def check_matches_target(cfg: DraftConfig, target, where: str) -> None:
     """The draft must have been trained on this target: same vocabulary, width and aux layers."""
     if cfg.vocab_size != target.vocab_size:
-        raise ValueError(f"{where}: draft is for a {cfg.vocab_size}-token vocabulary, "
-                         f"target has {target.vocab_size}")
+        raise ValueError(
+            f"{where}: draft is for a {cfg.vocab_size}-token vocabulary, "
+            f"target has {target.vocab_size}"
+        )
     if cfg.target_hidden_size != target.hidden_size:
-        raise ValueError(f"{where}: draft expects target hidden size {cfg.target_hidden_size}, "
-                         f"target has {target.hidden_size}")
+        raise ValueError(
+            f"{where}: draft expects target hidden size {cfg.target_hidden_size}, "
+            f"target has {target.hidden_size}"
+        )
     if cfg.target_num_layers and cfg.target_num_layers != target.num_layers:
-        raise ValueError(f"{where}: draft was trained on a {cfg.target_num_layers}-layer target, "
-                         f"this one has {target.num_layers}")
+        raise ValueError(
+            f"{where}: draft was trained on a {cfg.target_num_layers}-layer target, "
+            f"this one has {target.num_layers}"
+        )
     if list(cfg.aux_layer_ids) != list(target.aux_layer_ids):
-        raise ValueError(f"{where}: draft reads aux layers {cfg.aux_layer_ids} (0-based outputs), "
-                         f"the target gives {target.aux_layer_ids}")
+        raise ValueError(
+            f"{where}: draft reads aux layers {cfg.aux_layer_ids} (0-based outputs), "
+            f"the target gives {target.aux_layer_ids}"
+        )
 
 
 def load_weights(draft: Eagle3Draft, tensors: dict, where: str) -> None:
     """Copy stored tensors into `draft`, every one of them and nothing else."""
     missing, unexpected = draft.load_state_dict(tensors, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{where}: weights do not match the draft "
-                         f"(missing {missing}, unexpected {unexpected})")
+        raise ValueError(
+            f"{where}: weights do not match the draft (missing {missing}, unexpected {unexpected})"
+        )
 
 
-def draft_from_weights(tensors: dict, cfg: DraftConfig, target,
-                       where: str = "draft") -> Eagle3Draft:
+def draft_from_weights(
+    tensors: dict, cfg: DraftConfig, target, where: str = "draft"
+) -> Eagle3Draft:
     """An fp32 Eagle3Draft holding `tensors`, for inference on the target's device, sharing the
     target's embeddings."""
     check_matches_target(cfg, target, where)

@@ -113,6 +113,7 @@ files and unlisted shard files left by a killed run, and reports ``num_samples_d
 capture skips what is already stored. Shard boundaries depend only on the sample stream and
 ``shard_tokens``, so a killed-and-resumed capture produces the same files as an uninterrupted one.
 """
+
 from specfast.conventions import AUX_LAYER_CONVENTION
 from specfast.shards.dataset import ShardDataset
 from specfast.shards.format import ALIGN, FORMAT, MANIFEST, SHARD_FORMAT, VERSION, ShardError
@@ -120,6 +121,14 @@ from specfast.shards.reader import ShardReader
 from specfast.shards.writer import ShardWriter
 
 __all__ = [
-    "ALIGN", "AUX_LAYER_CONVENTION", "FORMAT", "MANIFEST", "SHARD_FORMAT", "VERSION",
-    "ShardDataset", "ShardError", "ShardReader", "ShardWriter",
+    "ALIGN",
+    "AUX_LAYER_CONVENTION",
+    "FORMAT",
+    "MANIFEST",
+    "SHARD_FORMAT",
+    "VERSION",
+    "ShardDataset",
+    "ShardError",
+    "ShardReader",
+    "ShardWriter",
 ]

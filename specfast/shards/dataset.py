@@ -1,5 +1,6 @@
 """ShardDataset: a shard directory, opened, checked against the caller's expectations, and read
 one sample at a time."""
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,13 @@ class ShardDataset:
     i's token count (what :class:`specfast.data.plan.BatchPlan` packs by).
     """
 
-    def __init__(self, path: str | os.PathLike, expect: Mapping[str, Any] | None = None, *,
-                 allow_incomplete: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        expect: Mapping[str, Any] | None = None,
+        *,
+        allow_incomplete: bool = False,
+    ) -> None:
         self.path = Path(path)
         self.manifest = load_manifest(self.path)
         manifest_path = self.path / MANIFEST
@@ -62,16 +68,22 @@ class ShardDataset:
                 raise ValueError(f"expect must be a dict, got {type(expect).__name__}")
             diffs = capture_diff(self.manifest["capture"], expect)
             if diffs:
-                raise ShardError(f"{manifest_path} does not match what is expected: "
-                                 + "; ".join(diffs))
+                raise ShardError(
+                    f"{manifest_path} does not match what is expected: " + "; ".join(diffs)
+                )
         if not self.manifest["complete"] and not allow_incomplete:
-            raise ShardError(f"{manifest_path}: the capture has not finished (complete: false); "
-                             f"resume it, or pass allow_incomplete=True to read the "
-                             f"{len(self.manifest['shards'])} shards written so far")
+            raise ShardError(
+                f"{manifest_path}: the capture has not finished (complete: false); "
+                f"resume it, or pass allow_incomplete=True to read the "
+                f"{len(self.manifest['shards'])} shards written so far"
+            )
         layout = self.manifest["layout"]
         fields = layout["fields"] or {}
-        self.fields: list[Field] = make_fields(self.manifest["capture"], layout["index_dtype"],
-                                               "target_argmax" in fields) if fields else []
+        self.fields: list[Field] = (
+            make_fields(self.manifest["capture"], layout["index_dtype"], "target_argmax" in fields)
+            if fields
+            else []
+        )
         self._shards = [self._open_shard(e) for e in self.manifest["shards"]]
         lengths = [np.diff(s.token_offsets) for s in self._shards]
         self.sample_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
@@ -110,8 +122,9 @@ class ShardDataset:
         try:
             size = path.stat().st_size
         except FileNotFoundError:
-            raise ShardError(f"missing shard: {path} is listed in {self.path / MANIFEST} "
-                             f"but does not exist") from None
+            raise ShardError(
+                f"missing shard: {path} is listed in {self.path / MANIFEST} but does not exist"
+            ) from None
         if size != entry["bytes"]:
             state = "truncated" if size < entry["bytes"] else "longer than recorded"
             raise ShardError(f"{path} is {state}: {size} bytes, the manifest says {entry['bytes']}")
@@ -122,33 +135,44 @@ class ShardDataset:
                 raise ShardError(f"{path}: damaged header: the file is only {size} bytes")
             (hlen,) = struct.unpack("<Q", prefix)
             if hlen > min(size - 8, MAX_HEADER):
-                raise ShardError(f"{path}: damaged header: header length {hlen} does not fit "
-                                 f"in a {size}-byte file")
+                raise ShardError(
+                    f"{path}: damaged header: header length {hlen} does not fit "
+                    f"in a {size}-byte file"
+                )
             region = prefix + os.pread(fd, hlen, 8)
             if hex64(_shardio.xxh64(region)) != entry["header_xxh64"]:
-                raise ShardError(f"{path}: damaged header: header checksum mismatch "
-                                 f"(manifest says {entry['header_xxh64']})")
+                raise ShardError(
+                    f"{path}: damaged header: header checksum mismatch "
+                    f"(manifest says {entry['header_xxh64']})"
+                )
             try:
                 header = json.loads(region[8:])
-                offsets_at, checksums_at, field_offsets = self._check_header(header, entry, hlen,
-                                                                             size)
+                offsets_at, checksums_at, field_offsets = self._check_header(
+                    header, entry, hlen, size
+                )
             except (ValueError, KeyError, TypeError) as e:
                 raise ShardError(f"{path}: damaged header: {e}") from None
             s = entry["samples"]
             off_bytes = os.pread(fd, 8 * (s + 1), offsets_at)
             sum_bytes = os.pread(fd, 8 * s, checksums_at)
         if hex64(_shardio.xxh64_parts([off_bytes, sum_bytes])) != entry["index_xxh64"]:
-            raise ShardError(f"{path}: damaged index: the offsets / sample_checksum tensors do not "
-                             f"match their checksum (manifest says {entry['index_xxh64']})")
+            raise ShardError(
+                f"{path}: damaged index: the offsets / sample_checksum tensors do not "
+                f"match their checksum (manifest says {entry['index_xxh64']})"
+            )
         token_offsets = np.frombuffer(off_bytes, dtype="<i8").astype(np.int64)
-        if token_offsets[0] != 0 or token_offsets[-1] != entry["tokens"] or \
-                bool((np.diff(token_offsets) <= 0).any()):
+        if (
+            token_offsets[0] != 0
+            or token_offsets[-1] != entry["tokens"]
+            or bool((np.diff(token_offsets) <= 0).any())
+        ):
             raise ShardError(f"{path}: offsets are not increasing from 0 to {entry['tokens']}")
         checksums = np.frombuffer(sum_bytes, dtype="<u8").astype(np.uint64)
         return _Shard(path, field_offsets, token_offsets, checksums)
 
-    def _check_header(self, header: dict, entry: dict, hlen: int, size: int
-                      ) -> tuple[int, int, list[int]]:
+    def _check_header(
+        self, header: dict, entry: dict, hlen: int, size: int
+    ) -> tuple[int, int, list[int]]:
         """Absolute offsets of offsets, sample_checksum and the per-token tensors; raises
         ValueError on anything that is not the layout the manifest describes."""
         data_start = 8 + hlen
@@ -168,14 +192,16 @@ class ShardDataset:
             begin, end = t["data_offsets"]
             nbytes = ST_ITEMSIZE[st_dtype] * int(np.prod(shape, dtype=np.int64))
             if t["dtype"] != st_dtype or t["shape"] != shape or end - begin != nbytes:
-                raise ValueError(f"tensor {name!r} is {t['dtype']} {t['shape']}, "
-                                 f"expected {st_dtype} {shape}")
+                raise ValueError(
+                    f"tensor {name!r} is {t['dtype']} {t['shape']}, expected {st_dtype} {shape}"
+                )
             if begin % ALIGN or data_start + end > size:
-                raise ValueError(f"tensor {name!r} at data bytes [{begin}, {end}) is misaligned "
-                                 f"or past the end of the file")
+                raise ValueError(
+                    f"tensor {name!r} at data bytes [{begin}, {end}) is misaligned "
+                    f"or past the end of the file"
+                )
             starts[name] = data_start + begin
-        return (starts["offsets"], starts["sample_checksum"],
-                [starts[f.name] for f in self.fields])
+        return (starts["offsets"], starts["sample_checksum"], [starts[f.name] for f in self.fields])
 
     def _check_index(self, i: int) -> None:
         if not isinstance(i, (int, np.integer)) or not 0 <= i < len(self):
@@ -190,9 +216,14 @@ class ShardDataset:
         without the GIL until they are in place (a failure raises ``_shardio.ShardIOError``
         naming file and sample); ``close()`` joins the threads."""
         return _shardio.Reader(
-            [str(s.path) for s in self._shards], [s.field_offsets for s in self._shards],
-            [s.token_offsets for s in self._shards], [s.checksums for s in self._shards],
-            [f.bytes_per_token for f in self.fields], num_threads, verify)
+            [str(s.path) for s in self._shards],
+            [s.field_offsets for s in self._shards],
+            [s.token_offsets for s in self._shards],
+            [s.checksums for s in self._shards],
+            [f.bytes_per_token for f in self.fields],
+            num_threads,
+            verify,
+        )
 
     def read_sample(self, i: int, verify: bool = True) -> dict[str, torch.Tensor]:
         """Sample i as CPU tensors in the stored dtypes, checksum-verified."""
@@ -212,6 +243,8 @@ class ShardDataset:
         for entry, shard in zip(self.manifest["shards"], self._shards):
             size, checksum = _shardio.hash_file(str(shard.path))
             if size != entry["bytes"] or hex64(checksum) != entry["xxh64"]:
-                raise ShardError(f"{shard.path}: file checksum mismatch (xxh64 {hex64(checksum)}, "
-                                 f"{size} bytes; manifest says {entry['xxh64']}, "
-                                 f"{entry['bytes']} bytes)")
+                raise ShardError(
+                    f"{shard.path}: file checksum mismatch (xxh64 {hex64(checksum)}, "
+                    f"{size} bytes; manifest says {entry['xxh64']}, "
+                    f"{entry['bytes']} bytes)"
+                )

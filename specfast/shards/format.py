@@ -1,6 +1,7 @@
 """The shard format's definitions: constants, dtype tables, the per-token fields, a shard file's
 header and byte layout, the capture config, and the manifest. The spec they implement is the
 docstring of :mod:`specfast.shards`; writer, dataset and reader all build on this module."""
+
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +29,12 @@ SHARD_NAME = re.compile(r"^shard-(\d{6})\.safetensors$")
 
 # safetensors dtype codes. Format-specific, so they live here and not in specfast.conventions.
 ST_CODES: dict[torch.dtype, str] = {
-    torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32",
-    torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float32: "F32",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.bool: "BOOL",
 }
 ST_TORCH: dict[str, torch.dtype] = {code: dtype for dtype, code in ST_CODES.items()}
 ST_ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8, "BOOL": 1, "U8": 1, "U64": 8}
@@ -37,8 +42,13 @@ FLOAT_CODES = ("BF16", "F16", "F32")
 # Stored dtype of input_ids / target_argmax, by manifest name.
 INDEX_DTYPES = {"int32": "I32", "int64": "I64"}
 
-_CAPTURE_REQUIRED = {"target": str, "aux_layer_ids": list, "aux_layer_convention": str,
-                     "hidden_size": int, "tokenizer_hash": str}
+_CAPTURE_REQUIRED = {
+    "target": str,
+    "aux_layer_ids": list,
+    "aux_layer_convention": str,
+    "hidden_size": int,
+    "tokenizer_hash": str,
+}
 _CAPTURE_OPTIONAL = {"dtype": str, "extra": dict}
 
 
@@ -71,6 +81,7 @@ def shard_name(index: int) -> str:
 
 # ----------------------------------------------------------------------------- fields
 
+
 @dataclass(frozen=True)
 class Field:
     """One per-token tensor: its name, safetensors dtype, and shape per token."""
@@ -96,8 +107,12 @@ def make_fields(capture: dict, index_dtype: str, with_argmax: bool) -> list[Fiel
     h, k = capture["hidden_size"], len(capture["aux_layer_ids"])
     hid = ST_CODES[HIDDEN_DTYPES[capture["dtype"]]]
     idx = INDEX_DTYPES[index_dtype]
-    fields = [Field("aux_hidden", hid, (k * h,)), Field("final_hidden", hid, (h,)),
-              Field("input_ids", idx, ()), Field("loss_mask", "BOOL", ())]
+    fields = [
+        Field("aux_hidden", hid, (k * h,)),
+        Field("final_hidden", hid, (h,)),
+        Field("input_ids", idx, ()),
+        Field("loss_mask", "BOOL", ()),
+    ]
     if with_argmax:
         fields.append(Field("target_argmax", idx, ()))
     return fields
@@ -105,8 +120,13 @@ def make_fields(capture: dict, index_dtype: str, with_argmax: bool) -> list[Fiel
 
 # ----------------------------------------------------------------------------- shard files
 
-def shard_file(blocks: list[tuple[Field, list[np.ndarray]]], offsets: np.ndarray,
-               checksums: np.ndarray, capture: dict) -> tuple[bytes, list]:
+
+def shard_file(
+    blocks: list[tuple[Field, list[np.ndarray]]],
+    offsets: np.ndarray,
+    checksums: np.ndarray,
+    capture: dict,
+) -> tuple[bytes, list]:
     """A shard's header region (length prefix + padded JSON) and all its parts, as the C++
     writer takes them: buffers, or ints meaning that many zero bytes. `blocks` holds each
     per-token field with its samples' raw bytes.
@@ -114,13 +134,20 @@ def shard_file(blocks: list[tuple[Field, list[np.ndarray]]], offsets: np.ndarray
     Parts: the header, then each tensor followed by its ``pad.<name>`` filler up to the next
     4 KiB boundary (safetensors rejects gaps between tensors, so padding must be a tensor)."""
     num_tokens, num_samples = int(offsets[-1]), len(checksums)
-    meta = {"format": SHARD_FORMAT, "version": str(VERSION), "samples": str(num_samples),
-            "tokens": str(num_tokens), "hidden_size": str(capture["hidden_size"]),
-            "aux_layer_ids": json.dumps(capture["aux_layer_ids"]),
-            "aux_layer_convention": capture["aux_layer_convention"]}
+    meta = {
+        "format": SHARD_FORMAT,
+        "version": str(VERSION),
+        "samples": str(num_samples),
+        "tokens": str(num_tokens),
+        "hidden_size": str(capture["hidden_size"]),
+        "aux_layer_ids": json.dumps(capture["aux_layer_ids"]),
+        "aux_layer_convention": capture["aux_layer_convention"],
+    }
     tensors = [(f.name, f.st_dtype, [num_tokens, *f.token_shape], arrays) for f, arrays in blocks]
-    tensors += [("offsets", "I64", [num_samples + 1], [offsets]),
-                ("sample_checksum", "U64", [num_samples], [checksums])]
+    tensors += [
+        ("offsets", "I64", [num_samples + 1], [offsets]),
+        ("sample_checksum", "U64", [num_samples], [checksums]),
+    ]
     header: dict[str, Any] = {"__metadata__": meta}
     body: list = []
     pos = 0
@@ -131,8 +158,11 @@ def shard_file(blocks: list[tuple[Field, list[np.ndarray]]], offsets: np.ndarray
         pos += nbytes
         pad = round_up(pos) - pos
         if pad:
-            header[f"pad.{name}"] = {"dtype": "U8", "shape": [pad],
-                                     "data_offsets": [pos, pos + pad]}
+            header[f"pad.{name}"] = {
+                "dtype": "U8",
+                "shape": [pad],
+                "data_offsets": [pos, pos + pad],
+            }
             body.append(pad)
             pos += pad
     text = json.dumps(header, separators=(",", ":")).encode()
@@ -143,14 +173,17 @@ def shard_file(blocks: list[tuple[Field, list[np.ndarray]]], offsets: np.ndarray
 
 # ----------------------------------------------------------------------------- capture config
 
+
 def normalize_capture(config: Any, where: str, dtype: str | None = None) -> dict:
     """Validated copy of a capture config, with ``dtype`` and ``extra`` filled in."""
     if not isinstance(config, Mapping):
         raise ValueError(f"{where}: capture config must be a dict, got {type(config).__name__}")
     unknown = set(config) - set(_CAPTURE_REQUIRED) - set(_CAPTURE_OPTIONAL)
     if unknown:
-        raise ValueError(f"{where}: unknown capture config keys {sorted(unknown)}; "
-                         f"put free-form information under 'extra'")
+        raise ValueError(
+            f"{where}: unknown capture config keys {sorted(unknown)}; "
+            f"put free-form information under 'extra'"
+        )
     for key, typ in {**_CAPTURE_REQUIRED, **_CAPTURE_OPTIONAL}.items():
         if key not in config:
             if key in _CAPTURE_REQUIRED:
@@ -158,19 +191,22 @@ def normalize_capture(config: Any, where: str, dtype: str | None = None) -> dict
             continue
         value = config[key]
         if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-            raise ValueError(f"{where}: capture config {key!r} must be {typ.__name__}, "
-                             f"got {value!r}")
+            raise ValueError(
+                f"{where}: capture config {key!r} must be {typ.__name__}, got {value!r}"
+            )
     out = {k: config[k] for k in _CAPTURE_REQUIRED}
     out["aux_layer_ids"] = list(out["aux_layer_ids"])
     ids = out["aux_layer_ids"]
     if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-        raise ValueError(f"{where}: aux_layer_ids must be a non-empty list of 0-based layer "
-                         f"indices, got {ids!r}")
+        raise ValueError(
+            f"{where}: aux_layer_ids must be a non-empty list of 0-based layer indices, got {ids!r}"
+        )
     if out["aux_layer_convention"] != AUX_LAYER_CONVENTION:
         raise ValueError(
             f"{where}: aux_layer_convention is {out['aux_layer_convention']!r}; shards store "
             f"{AUX_LAYER_CONVENTION!r} (entry i = output of 0-based layer aux_layer_ids[i]). "
-            f"vLLM's ids name a layer's input: convert with ours = vllm - 1")
+            f"vLLM's ids name a layer's input: convert with ours = vllm - 1"
+        )
     if out["hidden_size"] <= 0:
         raise ValueError(f"{where}: hidden_size must be positive, got {out['hidden_size']}")
     given = config.get("dtype")
@@ -178,14 +214,16 @@ def normalize_capture(config: Any, where: str, dtype: str | None = None) -> dict
         raise ValueError(f"{where}: dtype={dtype!r} disagrees with capture config dtype {given!r}")
     out["dtype"] = dtype or given or "bfloat16"
     if out["dtype"] not in HIDDEN_DTYPES:
-        raise ValueError(f"{where}: dtype must be one of {sorted(HIDDEN_DTYPES)}, "
-                         f"got {out['dtype']!r}")
+        raise ValueError(
+            f"{where}: dtype must be one of {sorted(HIDDEN_DTYPES)}, got {out['dtype']!r}"
+        )
     out["extra"] = dict(config.get("extra", {}))
     try:
         json.dumps(out["extra"])
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: capture config 'extra' must be JSON-serialisable: "
-                         f"{e}") from None
+        raise ValueError(
+            f"{where}: capture config 'extra' must be JSON-serialisable: {e}"
+        ) from None
     return out
 
 
@@ -203,12 +241,21 @@ def capture_diff(have: dict, want: Mapping) -> list[str]:
 
 # ----------------------------------------------------------------------------- manifest
 
+
 def new_manifest(capture: dict, index_dtype: str | None, shard_tokens: int | None) -> dict:
     """The manifest of a capture that has written nothing yet."""
     return {
-        "format": FORMAT, "version": VERSION, "complete": False, "capture": capture,
-        "layout": {"alignment": ALIGN, "checksum": "xxh64", "index_dtype": index_dtype or "int32",
-                   "shard_tokens": shard_tokens, "fields": None},
+        "format": FORMAT,
+        "version": VERSION,
+        "complete": False,
+        "capture": capture,
+        "layout": {
+            "alignment": ALIGN,
+            "checksum": "xxh64",
+            "index_dtype": index_dtype or "int32",
+            "shard_tokens": shard_tokens,
+            "fields": None,
+        },
         "totals": {"shards": 0, "samples": 0, "tokens": 0, "bytes": 0},
         "shards": [],
     }
@@ -226,8 +273,10 @@ def load_manifest(directory: Path) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ShardError(f"{path} does not exist: {directory} is not a shard dataset "
-                         f"(or its capture never got going)") from None
+        raise ShardError(
+            f"{path} does not exist: {directory} is not a shard dataset "
+            f"(or its capture never got going)"
+        ) from None
     try:
         m = json.loads(text)
     except json.JSONDecodeError as e:
@@ -240,8 +289,13 @@ def load_manifest(directory: Path) -> dict:
         raise bad(f"not a specfast shard manifest (format must be {FORMAT!r})")
     if m.get("version") != VERSION:
         raise bad(f"version {m.get('version')!r} is not supported (this specfast reads {VERSION})")
-    for key, typ in (("complete", bool), ("capture", dict), ("layout", dict),
-                     ("totals", dict), ("shards", list)):
+    for key, typ in (
+        ("complete", bool),
+        ("capture", dict),
+        ("layout", dict),
+        ("totals", dict),
+        ("shards", list),
+    ):
         if not isinstance(m.get(key), typ):
             raise bad(f"{key!r} missing or not a {typ.__name__}")
     try:
@@ -265,8 +319,10 @@ def _check_layout(m: dict, bad) -> None:
     fields = layout.get("fields")
     if fields is not None:
         with_argmax = isinstance(fields, dict) and "target_argmax" in fields
-        want = {f.name: f.to_json()
-                for f in make_fields(m["capture"], layout["index_dtype"], with_argmax)}
+        want = {
+            f.name: f.to_json()
+            for f in make_fields(m["capture"], layout["index_dtype"], with_argmax)
+        }
         if fields != want:
             raise bad(f"layout fields {fields!r} disagree with the capture config ({want!r})")
     elif m["shards"]:
@@ -276,12 +332,16 @@ def _check_layout(m: dict, bad) -> None:
 def _check_shard_list(m: dict, bad) -> None:
     samples = tokens = nbytes = 0
     for i, s in enumerate(m["shards"]):
-        ok = (isinstance(s, dict) and isinstance(s.get("file"), str)
-              and SHARD_NAME.match(s["file"]) is not None
-              and all(isinstance(s.get(k), int) and s[k] > 0
-                      for k in ("samples", "tokens", "bytes"))
-              and all(isinstance(s.get(k), str) and re.fullmatch(r"[0-9a-f]{16}", s[k])
-                      for k in ("xxh64", "header_xxh64", "index_xxh64")))
+        ok = (
+            isinstance(s, dict)
+            and isinstance(s.get("file"), str)
+            and SHARD_NAME.match(s["file"]) is not None
+            and all(isinstance(s.get(k), int) and s[k] > 0 for k in ("samples", "tokens", "bytes"))
+            and all(
+                isinstance(s.get(k), str) and re.fullmatch(r"[0-9a-f]{16}", s[k])
+                for k in ("xxh64", "header_xxh64", "index_xxh64")
+            )
+        )
         if not ok:
             raise bad(f"shards[{i}] is malformed: {s!r}")
         if s["file"] != shard_name(i):

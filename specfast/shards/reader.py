@@ -1,6 +1,7 @@
 """ShardReader: reads the batches it is given, ahead of the caller, on C++ threads, into
 (optionally pinned) host buffers. Which samples go into which batch is the batch plan's business
 (:mod:`specfast.data.plan`), not the reader's."""
+
 from __future__ import annotations
 
 import sys
@@ -44,8 +45,9 @@ class _HostBuffers:
 
 # Pools per dataset, shared by its readers, so a later reader (another epoch, a resumed run)
 # reuses memory an earlier one already faulted in. Weak: a pool lives as long as its dataset.
-_POOLS: weakref.WeakKeyDictionary[ShardDataset, dict[tuple[int, bool], _HostBuffers]] = \
+_POOLS: weakref.WeakKeyDictionary[ShardDataset, dict[tuple[int, bool], _HostBuffers]] = (
     weakref.WeakKeyDictionary()
+)
 
 
 def _buffer_pool(dataset: ShardDataset, nbytes: int, pin_memory: bool, keep: int) -> _HostBuffers:
@@ -66,7 +68,8 @@ def _check_fits(dataset: ShardDataset, batch_tokens: int) -> None:
         raise ValueError(
             f"batch_tokens={batch_tokens} is smaller than {too_long.size} sample(s); the "
             f"longest is dataset sample {worst} ({file}, sample {local}) with "
-            f"{int(lengths[worst])} tokens. Raise batch_tokens or capture shorter samples")
+            f"{int(lengths[worst])} tokens. Raise batch_tokens or capture shorter samples"
+        )
 
 
 class ShardReader:
@@ -87,28 +90,43 @@ class ShardReader:
     raised while pulling it), after every batch before it has been yielded.
     """
 
-    def __init__(self, dataset: ShardDataset, batches: Iterable[np.ndarray], batch_tokens: int, *,
-                 num_threads: int = 4, prefetch: int = 2, pin_memory: bool = False,
-                 verify: bool = True) -> None:
+    def __init__(
+        self,
+        dataset: ShardDataset,
+        batches: Iterable[np.ndarray],
+        batch_tokens: int,
+        *,
+        num_threads: int = 4,
+        prefetch: int = 2,
+        pin_memory: bool = False,
+        verify: bool = True,
+    ) -> None:
         if not isinstance(dataset, ShardDataset):
             raise ValueError(f"dataset must be a ShardDataset, got {type(dataset).__name__}")
-        for name, value, low in (("batch_tokens", batch_tokens, 1),
-                                 ("num_threads", num_threads, 1), ("prefetch", prefetch, 1)):
+        for name, value, low in (
+            ("batch_tokens", batch_tokens, 1),
+            ("num_threads", num_threads, 1),
+            ("prefetch", prefetch, 1),
+        ):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if pin_memory and not torch.cuda.is_available():
-            raise ValueError("pin_memory=True needs CUDA (pinned host memory is for GPU copies); "
-                             "pass pin_memory=torch.cuda.is_available()")
+            raise ValueError(
+                "pin_memory=True needs CUDA (pinned host memory is for GPU copies); "
+                "pass pin_memory=torch.cuda.is_available()"
+            )
         self.dataset, self.batch_tokens = dataset, int(batch_tokens)
         _check_fits(dataset, self.batch_tokens)
         self._batches: Iterator[np.ndarray] | None = iter(batches)
         self._fields = dataset.fields
         # Each field gets a 4 KiB-aligned slot of batch_tokens tokens in one flat buffer.
         self._slot_offsets = np.cumsum(
-            [0] + [round_up(self.batch_tokens * f.bytes_per_token) for f in self._fields])
+            [0] + [round_up(self.batch_tokens * f.bytes_per_token) for f in self._fields]
+        )
         # prefetch in flight + the batch the caller holds + the one it may still be finishing
-        self._buffers = _buffer_pool(dataset, int(self._slot_offsets[-1]), pin_memory,
-                                     keep=prefetch + 2)
+        self._buffers = _buffer_pool(
+            dataset, int(self._slot_offsets[-1]), pin_memory, keep=prefetch + 2
+        )
         self._pin = pin_memory
         self._prefetch = int(prefetch)
         self._native = dataset.native_reader(int(num_threads), verify)
@@ -150,8 +168,10 @@ class ShardReader:
     def _submit(self, ids: Any, k: int) -> tuple[int, dict]:
         a = np.asarray(ids)
         if a.ndim != 1 or a.size == 0 or not np.issubdtype(a.dtype, np.integer):
-            raise ValueError(f"batch {k} must be a non-empty 1-D integer array of sample "
-                             f"indices, got {a.dtype} {list(a.shape)}")
+            raise ValueError(
+                f"batch {k} must be a non-empty 1-D integer array of sample "
+                f"indices, got {a.dtype} {list(a.shape)}"
+            )
         n = len(self.dataset)
         if int(a.min()) < 0 or int(a.max()) >= n:
             bad = int(a[(a < 0) | (a >= n)][0])
@@ -160,16 +180,18 @@ class ShardReader:
         lens = self.dataset.sample_lengths[ids]
         total = int(lens.sum())
         if total > self.batch_tokens:
-            raise ValueError(f"batch {k} holds {total} tokens in {len(ids)} samples, more than "
-                             f"batch_tokens={self.batch_tokens}")
+            raise ValueError(
+                f"batch {k} holds {total} tokens in {len(ids)} samples, more than "
+                f"batch_tokens={self.batch_tokens}"
+            )
         flat = self._buffers.get()
         flat_np = flat.numpy()
         batch: dict[str, torch.Tensor] = {}
         dests = []
         for f, off in zip(self._fields, self._slot_offsets):
             nbytes = total * f.bytes_per_token
-            dests.append(flat_np[off:off + nbytes])
-            batch[f.name] = flat[off:off + nbytes].view(f.torch_dtype).view(total, *f.token_shape)
+            dests.append(flat_np[off : off + nbytes])
+            batch[f.name] = flat[off : off + nbytes].view(f.torch_dtype).view(total, *f.token_shape)
         offsets = np.zeros(len(ids) + 1, dtype=np.int64)
         np.cumsum(lens, out=offsets[1:])
         batch["offsets"] = torch.from_numpy(offsets)

@@ -1,4 +1,5 @@
 """ShardWriter: samples in, crash-safe and resumable shards out."""
+
 from __future__ import annotations
 
 import fcntl
@@ -54,15 +55,22 @@ class ShardWriter:
     keeps what is committed and drops the unwritten remainder, exactly like a crash.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, capture_config: Mapping[str, Any], *,
-                 shard_tokens: int | None = None, dtype: str | None = None,
-                 index_dtype: str | None = None) -> None:
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        capture_config: Mapping[str, Any],
+        *,
+        shard_tokens: int | None = None,
+        dtype: str | None = None,
+        index_dtype: str | None = None,
+    ) -> None:
         self.out_dir = Path(out_dir)
         if shard_tokens is not None and (not isinstance(shard_tokens, int) or shard_tokens < 1):
             raise ValueError(f"shard_tokens must be a positive int, got {shard_tokens!r}")
         if index_dtype is not None and index_dtype not in INDEX_DTYPES:
-            raise ValueError(f"index_dtype must be one of {sorted(INDEX_DTYPES)}, "
-                             f"got {index_dtype!r}")
+            raise ValueError(
+                f"index_dtype must be one of {sorted(INDEX_DTYPES)}, got {index_dtype!r}"
+            )
         capture = normalize_capture(capture_config, "ShardWriter", dtype)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = self._lock()
@@ -85,8 +93,9 @@ class ShardWriter:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise ShardError(f"{self.out_dir} is being written by another ShardWriter "
-                             f"(its .lock is held)") from None
+            raise ShardError(
+                f"{self.out_dir} is being written by another ShardWriter (its .lock is held)"
+            ) from None
         return fd
 
     def _open(self, capture: dict, shard_tokens: int | None, index_dtype: str | None) -> None:
@@ -94,24 +103,33 @@ class ShardWriter:
             m = load_manifest(self.out_dir)
             diffs = capture_diff(m["capture"], capture)
             if diffs:
-                raise ShardError(f"{self.out_dir / MANIFEST} was captured with a different config "
-                                 f"(" + "; ".join(diffs) + "); write to a new directory")
+                raise ShardError(
+                    f"{self.out_dir / MANIFEST} was captured with a different config "
+                    f"(" + "; ".join(diffs) + "); write to a new directory"
+                )
             stored_index = m["layout"]["index_dtype"]
             if index_dtype is not None and index_dtype != stored_index:
-                raise ShardError(f"{self.out_dir / MANIFEST} stores index_dtype {stored_index!r}, "
-                                 f"got {index_dtype!r}")
+                raise ShardError(
+                    f"{self.out_dir / MANIFEST} stores index_dtype {stored_index!r}, "
+                    f"got {index_dtype!r}"
+                )
             for entry in m["shards"]:
                 path = self.out_dir / entry["file"]
                 size = path.stat().st_size if path.exists() else None
                 if size != entry["bytes"]:
                     state = "is missing" if size is None else f"has {size} bytes"
-                    raise ShardError(f"cannot resume: {path} {state}, manifest says "
-                                     f"{entry['bytes']} bytes")
+                    raise ShardError(
+                        f"cannot resume: {path} {state}, manifest says {entry['bytes']} bytes"
+                    )
             self._manifest = m
             self.shard_tokens = shard_tokens or m["layout"].get("shard_tokens")
             if m["shards"]:
-                logger.info("resuming %s after %d shards, %d samples", self.out_dir,
-                            len(m["shards"]), m["totals"]["samples"])
+                logger.info(
+                    "resuming %s after %d shards, %d samples",
+                    self.out_dir,
+                    len(m["shards"]),
+                    m["totals"]["samples"],
+                )
         else:
             self._manifest = new_manifest(capture, index_dtype, shard_tokens)
             self.shard_tokens = shard_tokens
@@ -119,8 +137,13 @@ class ShardWriter:
         self._manifest["complete"] = False
         write_manifest(self.out_dir, self._manifest)
         fields = self._manifest["layout"]["fields"]
-        self._fields = None if fields is None else make_fields(
-            capture, self._manifest["layout"]["index_dtype"], "target_argmax" in fields)
+        self._fields = (
+            None
+            if fields is None
+            else make_fields(
+                capture, self._manifest["layout"]["index_dtype"], "target_argmax" in fields
+            )
+        )
 
     def _remove_leftovers(self) -> None:
         """Delete temp files and unlisted shards of a killed run (never anything else)."""
@@ -153,12 +176,15 @@ class ShardWriter:
         index = self.num_samples_done + len(self._pending) + self._inflight_samples()
         where = f"ShardWriter.add (sample {index})"
         if not isinstance(sample, Mapping):
-            raise ValueError(f"{where}: sample must be a dict of tensors, "
-                             f"got {type(sample).__name__}")
+            raise ValueError(
+                f"{where}: sample must be a dict of tensors, got {type(sample).__name__}"
+            )
         if self._fields is None:  # the first sample decides whether target_argmax is stored
-            self._fields = make_fields(self._manifest["capture"],
-                                       self._manifest["layout"]["index_dtype"],
-                                       "target_argmax" in sample)
+            self._fields = make_fields(
+                self._manifest["capture"],
+                self._manifest["layout"]["index_dtype"],
+                "target_argmax" in sample,
+            )
             self._manifest["layout"]["fields"] = {f.name: f.to_json() for f in self._fields}
         arrays, n = self._convert(sample, where)
         if self.shard_tokens is None:
@@ -176,12 +202,15 @@ class ShardWriter:
         names = {f.name for f in self._fields}
         if set(sample) != names:
             missing, extra = sorted(names - set(sample)), sorted(set(sample) - names)
-            raise ValueError(f"{where}: sample keys must be {sorted(names)} "
-                             f"(missing {missing}, unexpected {extra})")
+            raise ValueError(
+                f"{where}: sample keys must be {sorted(names)} "
+                f"(missing {missing}, unexpected {extra})"
+            )
         ids = _as_tensor(sample["input_ids"], f"{where}: input_ids")
         if ids.dim() != 1 or ids.numel() == 0:
-            raise ValueError(f"{where}: input_ids must have shape [n] with n >= 1, "
-                             f"got {list(ids.shape)}")
+            raise ValueError(
+                f"{where}: input_ids must have shape [n] with n >= 1, got {list(ids.shape)}"
+            )
         n = ids.numel()
         out = {}
         for f in self._fields:
@@ -190,14 +219,17 @@ class ShardWriter:
             if list(t.shape) != shape:
                 raise ValueError(f"{where}: {f.name} has shape {list(t.shape)}, expected {shape}")
             t = _check_values(t, f, f"{where}: {f.name}")
-            t = t.to(device="cpu", dtype=f.torch_dtype, memory_format=torch.contiguous_format,
-                     copy=True)
+            t = t.to(
+                device="cpu", dtype=f.torch_dtype, memory_format=torch.contiguous_format, copy=True
+            )
             raw = t.view(torch.uint8).numpy().reshape(-1)
             if f.st_dtype in FLOAT_CODES:  # checked after the cast: it can overflow
                 bad = _shardio.first_nonfinite(raw, f.st_dtype)
                 if bad >= 0:
-                    raise ValueError(f"{where}: {f.name} holds NaN or inf at token "
-                                     f"{bad // t[0].numel()} (after casting to {f.st_dtype})")
+                    raise ValueError(
+                        f"{where}: {f.name} holds NaN or inf at token "
+                        f"{bad // t[0].numel()} (after casting to {f.st_dtype})"
+                    )
             out[f.name] = raw
         return out, n
 
@@ -216,9 +248,15 @@ class ShardWriter:
         checksums = np.array([c for _, _, c in self._pending], dtype=np.uint64)
         blocks = [(f, [a[f.name] for a, _, _ in self._pending]) for f in self._fields]
         header, parts = shard_file(blocks, offsets, checksums, self._manifest["capture"])
-        entry = {"file": shard_name(index), "samples": len(lengths), "tokens": int(offsets[-1]),
-                 "bytes": 0, "xxh64": "", "header_xxh64": hex64(_shardio.xxh64(header)),
-                 "index_xxh64": hex64(_shardio.xxh64_parts([offsets, checksums]))}
+        entry = {
+            "file": shard_name(index),
+            "samples": len(lengths),
+            "tokens": int(offsets[-1]),
+            "bytes": 0,
+            "xxh64": "",
+            "header_xxh64": hex64(_shardio.xxh64(header)),
+            "index_xxh64": hex64(_shardio.xxh64_parts([offsets, checksums])),
+        }
         self._native.start(str(self.out_dir / entry["file"]), parts)
         self._inflight = (entry, parts)  # parts stay referenced until the write is done
         self._pending, self._pending_tokens = [], 0
@@ -308,6 +346,7 @@ def _check_values(t: torch.Tensor, f: Field, where: str) -> torch.Tensor:
             raise ValueError(f"{where}: must be integer token ids, got {t.dtype}")
         hi = torch.iinfo(f.torch_dtype).max
         if bool((t < 0).any()) or bool((t > hi).any()):
-            raise ValueError(f"{where}: token ids must lie in [0, {hi}] "
-                             f"(got {int(t.min())}..{int(t.max())})")
+            raise ValueError(
+                f"{where}: token ids must lie in [0, {hi}] (got {int(t.min())}..{int(t.max())})"
+            )
     return t

@@ -1,7 +1,14 @@
 """Target models: the LLM whose hidden states teach the draft."""
+
 from .base import PackedTargetOutput, TargetCache, TargetModel
 from .hf import HFTarget
 from .registry import load_target, resolve_target_path
 
-__all__ = ["TargetModel", "TargetCache", "PackedTargetOutput", "HFTarget", "load_target",
-           "resolve_target_path"]
+__all__ = [
+    "TargetModel",
+    "TargetCache",
+    "PackedTargetOutput",
+    "HFTarget",
+    "load_target",
+    "resolve_target_path",
+]

@@ -4,6 +4,7 @@ target LLM. A backend turns packed token rows into the three aux hidden states (
 model's final norm) and the full-vocabulary argmax; it hands out the lm_head rows of the draft
 vocabulary, the frozen embeddings and the tokenizer; and, where it has its decoder layers, it
 decodes: a KV-cached forward for speculative decoding and batched generation."""
+
 from __future__ import annotations
 
 import hashlib
@@ -84,15 +85,17 @@ class TargetModel(ABC):
         """An empty KV cache for `forward_cached`."""
         raise NotImplementedError(f"{type(self).__name__} cannot decode")
 
-    def forward_cached(self, tokens: list[int], cache: TargetCache, with_aux: bool = False,
-                       logits_to_keep: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward_cached(
+        self, tokens: list[int], cache: TargetCache, with_aux: bool = False, logits_to_keep: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Feed `tokens` (batch 1) after the positions `cache` holds, which it then holds too.
         Returns fp32 logits [logits_to_keep, V] of the last positions and, `with_aux`, the aux
         hidden states [1, len(tokens), 3 * H] (else None)."""
         raise NotImplementedError(f"{type(self).__name__} cannot decode")
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int,
-                 temperature: float = 0.0) -> list[list[int]]:
+    def generate(
+        self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0
+    ) -> list[list[int]]:
         """The answers to a batch of token-id prompts, each cut after its first EOS: greedy at
         temperature 0, else sampled from the full softmax(logits / temperature)."""
         raise NotImplementedError(f"{type(self).__name__} cannot generate")

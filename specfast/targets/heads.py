@@ -1,6 +1,7 @@
 """A target without its body: config, tokenizer, embeddings and lm_head only, read straight from the
 safetensors files. Offline training (from shards) needs no more than this, so a large target's
 decoder layers are never loaded."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,14 @@ def _read_tensors(folder: Path, names: list[str]) -> dict:
 
 
 class HeadsOnlyTarget(TargetModel):
-    def __init__(self, path: str | Path, aux_layer_ids: list[int], device="cpu",
-                 dtype=torch.float32, name=None):
+    def __init__(
+        self,
+        path: str | Path,
+        aux_layer_ids: list[int],
+        device="cpu",
+        dtype=torch.float32,
+        name=None,
+    ):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         path = Path(path)
@@ -60,16 +67,19 @@ class HeadsOnlyTarget(TargetModel):
 
         embed, head, norm = first(embed_names), first(head_names), first(norm_names)
         if embed is None or head is None:
-            raise FileNotFoundError(f"{path}: embeddings or lm_head ({embed_names + head_names}) "
-                                    "not in its safetensors files")
+            raise FileNotFoundError(
+                f"{path}: embeddings or lm_head ({embed_names + head_names}) "
+                "not in its safetensors files"
+            )
         self._embed = embed.to(device=device, dtype=dtype)
         self._lm_head = head.to(device=device, dtype=dtype)
         self._norm = None if norm is None else norm.to(device=device, dtype=dtype)
         self.vocab_size = self._lm_head.shape[0]
 
     def forward_packed(self, input_ids, doc_ids):
-        raise RuntimeError("a heads-only target has no decoder layers; "
-                           "capture hidden states with the full target")
+        raise RuntimeError(
+            "a heads-only target has no decoder layers; capture hidden states with the full target"
+        )
 
     def lm_head_weight(self):
         return self._lm_head

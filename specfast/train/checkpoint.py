@@ -3,6 +3,7 @@ schedule, RNG states and data position — written atomically (temp folder, fsyn
 
     OUT/checkpoints/step_00000100/  draft.safetensors  optimizer.pt  rng.pt  state.json
 """
+
 from __future__ import annotations
 
 import ast
@@ -62,7 +63,8 @@ def save_checkpoint(out: Path, step: int, draft, optimizer, state: dict, keep: i
 def load_checkpoint(ckpt: Path, draft, optimizer) -> dict:
     tensors, _ = load_draft_weights(ckpt)
     load_weights(draft, tensors, str(ckpt))
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True,
-                                         map_location="cpu"))
+    optimizer.load_state_dict(
+        torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
+    )
     set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True))
     return json.loads((ckpt / "state.json").read_text())

@@ -1,4 +1,5 @@
 """TrainConfig: every knob of `specfast train`, from defaults, a YAML file, then command-line flags."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,9 @@ import yaml
 
 @dataclass
 class TrainConfig:
-    data: str = ""  # a prepared dataset folder (specfast prepare) or a shard folder (specfast capture)
+    data: str = (
+        ""  # a prepared dataset folder (specfast prepare) or a shard folder (specfast capture)
+    )
     target: str = "smollm2"  # a local Hugging Face folder, or an embedded name
     out: str = "runs/draft"
     ttt_steps: int = 7
@@ -45,7 +48,9 @@ class TrainConfig:
         need(self.grad_accum >= 1, f"grad_accum must be ≥ 1, not {self.grad_accum}")
         need(self.max_steps >= 1, f"max_steps must be ≥ 1, not {self.max_steps}")
         need(self.lr > 0, f"lr must be > 0, not {self.lr}")
-        need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], not {self.min_lr_ratio}")
+        need(
+            0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], not {self.min_lr_ratio}"
+        )
         need(self.warmup_steps >= 0, "warmup_steps must be ≥ 0")
         need(self.save_every >= 1, "save_every must be ≥ 1")
         need(self.keep_checkpoints >= 1, "keep_checkpoints must be ≥ 1")
@@ -57,7 +62,9 @@ class TrainConfig:
         try:
             ids = [int(x) for x in str(self.aux_layer_ids).split(",")]
         except ValueError:
-            raise ValueError(f"config: aux_layer_ids {self.aux_layer_ids!r} is not a comma-separated list of ints") from None
+            raise ValueError(
+                f"config: aux_layer_ids {self.aux_layer_ids!r} is not a comma-separated list of ints"
+            ) from None
         if len(ids) != 3:
             raise ValueError(f"config: aux_layer_ids needs 3 ids, got {ids}")
         return ids
@@ -91,11 +98,22 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = f.default
         if isinstance(default, bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"(default: {default})")
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"(default: {default})",
+            )
         else:
-            parser.add_argument(flag, dest=f.name, type=type(default), default=None, metavar=f.name.upper(),
-                                help=f"(default: {default!r})")
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                type=type(default),
+                default=None,
+                metavar=f.name.upper(),
+                help=f"(default: {default!r})",
+            )
 
 
 def build_config(args: argparse.Namespace, config_path: str | None) -> TrainConfig:
@@ -112,7 +130,9 @@ def build_config(args: argparse.Namespace, config_path: str | None) -> TrainConf
         v = getattr(cfg, f.name)
         if f.type in ("float",) and isinstance(v, int) and not isinstance(v, bool):
             setattr(cfg, f.name, float(v))
-        elif f.type in ("int", "float", "bool", "str") and not isinstance(v, {"int": int, "float": float, "bool": bool, "str": str}[f.type]):
+        elif f.type in ("int", "float", "bool", "str") and not isinstance(
+            v, {"int": int, "float": float, "bool": bool, "str": str}[f.type]
+        ):
             raise ValueError(f"config: {f.name} must be {f.type}, got {v!r}")
     cfg.validate()
     return cfg

@@ -1,4 +1,5 @@
 """Training metrics: one JSON line per step, TensorBoard scalars, and a PNG of loss and per-step accuracy."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,11 @@ class MetricsLog:
         elif self.path.exists():
             # A killed run may have logged steps after its last checkpoint: drop them, they will
             # be redone.
-            kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            kept = [
+                ln
+                for ln in self.path.read_text().splitlines()
+                if ln.strip() and json.loads(ln)["step"] <= resume_step
+            ]
             atomic_write(self.path, "".join(ln + "\n" for ln in kept))
         self.file = open(self.path, "a")
         self.tb = None
@@ -75,7 +79,7 @@ def plot_metrics(metrics_path: Path, png_path: Path, smooth: int = 20) -> None:
     def ma(x):
         x = np.asarray(x, dtype=float)
         w = max(1, min(smooth, len(x)))
-        return np.convolve(x, np.ones(w) / w, mode="valid"), steps[w - 1:]
+        return np.convolve(x, np.ones(w) / w, mode="valid"), steps[w - 1 :]
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     y, x = ma([r["loss"] for r in rows])

@@ -1,6 +1,7 @@
 """Learning rate: linear warmup over `warmup` steps, then cosine decay to min_ratio·lr as progress
 goes 0 → 1. Progress is steps done / max_steps, or, with a time budget, the larger of that and the
 share of the budget spent (so a time-boxed run still ends its decay on time)."""
+
 import math
 
 

@@ -1,5 +1,6 @@
 """`specfast train`: the loop that ties data, target, draft, TTT unroll, optimizer, checkpoints and
 metrics together. Online mode: the target runs inside each step."""
+
 from __future__ import annotations
 
 import contextlib
@@ -26,9 +27,24 @@ from .schedule import lr_factor
 log = logging.getLogger("specfast")
 
 # Changing these between a run and its resumption would silently change what is trained.
-RESUME_MUST_MATCH = ("data", "target", "ttt_steps", "batch_tokens", "grad_accum", "seed", "lr",
-                     "min_lr_ratio", "warmup_steps", "max_steps", "weight_decay", "beta1", "beta2",
-                     "grad_clip", "aux_layer_ids", "init_from_target")
+RESUME_MUST_MATCH = (
+    "data",
+    "target",
+    "ttt_steps",
+    "batch_tokens",
+    "grad_accum",
+    "seed",
+    "lr",
+    "min_lr_ratio",
+    "warmup_steps",
+    "max_steps",
+    "weight_decay",
+    "beta1",
+    "beta2",
+    "grad_clip",
+    "aux_layer_ids",
+    "init_from_target",
+)
 
 
 def open_batches(cfg: TrainConfig, device: torch.device):
@@ -47,7 +63,9 @@ def open_batches(cfg: TrainConfig, device: torch.device):
         if ids is not None and ids != captured:
             raise ValueError(f"{cfg.data}: captured aux layers {captured}, config asks for {ids}")
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-        target = HeadsOnlyTarget(resolve_target_path(cfg.target), captured, device, dtype, cfg.target)
+        target = HeadsOnlyTarget(
+            resolve_target_path(cfg.target), captured, device, dtype, cfg.target
+        )
         return open_offline(dataset, target, cfg.batch_tokens, cfg.seed, device)
     data = PreparedData.load(cfg.data)  # before the target: bad data fails fast
     target = load_target(cfg.target, device=str(device), aux_layer_ids=cfg.parsed_aux_layer_ids())
@@ -65,11 +83,18 @@ def train(cfg: TrainConfig, resume: bool | str = False) -> dict:
     target = batches.target
     draft = new_draft(target, batches.vocab, cfg.init_from_target, device)
     params = [p for p in draft.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
-                                  fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        weight_decay=cfg.weight_decay,
+        fused=device.type == "cuda",
+    )
 
     def set_lr() -> float:
-        if cfg.max_minutes > 0:  # time-boxed: the decay ends with the budget (or max_steps, if sooner)
+        if (
+            cfg.max_minutes > 0
+        ):  # time-boxed: the decay ends with the budget (or max_steps, if sooner)
             progress = max(step / cfg.max_steps, train_seconds / (cfg.max_minutes * 60))
         else:
             progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
@@ -88,26 +113,46 @@ def train(cfg: TrainConfig, resume: bool | str = False) -> dict:
         saved = state["config"]
         changed = [k for k in RESUME_MUST_MATCH if saved.get(k) != getattr(cfg, k)]
         if changed:
-            raise ValueError(f"{ckpt}: cannot resume with changed settings: "
-                             + ", ".join(f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed))
+            raise ValueError(
+                f"{ckpt}: cannot resume with changed settings: "
+                + ", ".join(f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
+            )
         batches.load_state_dict(state["data"])
-        step, tokens_seen, train_seconds = state["step"], state["tokens_seen"], state["train_seconds"]
+        step, tokens_seen, train_seconds = (
+            state["step"],
+            state["tokens_seen"],
+            state["train_seconds"],
+        )
         log.info("resumed from %s at step %d", ckpt, step)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     metrics = MetricsLog(out, step if ckpt else None, cfg.tensorboard)
 
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else contextlib.nullcontext()
+    )
     window = []  # recent per-step count tensors, for smoothed metrics in the bar and summary
     # A time-boxed run shows its progress through the time budget, others through max_steps.
     timed = cfg.max_minutes > 0
-    bar = tqdm(total=round(cfg.max_minutes * 60) if timed else cfg.max_steps, initial=int(train_seconds) if timed else step,
-               desc="train", unit="s" if timed else "step", disable=not cfg.progress, dynamic_ncols=True,
-               bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s [{elapsed}{postfix}]" if timed else None)
+    bar = tqdm(
+        total=round(cfg.max_minutes * 60) if timed else cfg.max_steps,
+        initial=int(train_seconds) if timed else step,
+        desc="train",
+        unit="s" if timed else "step",
+        disable=not cfg.progress,
+        dynamic_ncols=True,
+        bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s [{elapsed}{postfix}]" if timed else None,
+    )
 
     def checkpoint():
-        state = {"config": cfg.to_dict(), "data": batches.state_dict(),
-                 "tokens_seen": tokens_seen, "train_seconds": train_seconds}
+        state = {
+            "config": cfg.to_dict(),
+            "data": batches.state_dict(),
+            "tokens_seen": tokens_seen,
+            "train_seconds": train_seconds,
+        }
         path = save_checkpoint(out, step, draft, optimizer, state, cfg.keep_checkpoints)
         metrics.sync()
         plot_metrics(metrics.path, out / "metrics.png")
@@ -128,7 +173,9 @@ def train(cfg: TrainConfig, resume: bool | str = False) -> dict:
                 n_tokens += batch.num_tokens
                 loss_total += float(res.loss.detach()) / cfg.grad_accum
                 sl = [x / cfg.grad_accum for x in res.step_losses]
-                step_losses = sl if step_losses is None else [a + b for a, b in zip(step_losses, sl)]
+                step_losses = (
+                    sl if step_losses is None else [a + b for a, b in zip(step_losses, sl)]
+                )
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
             lr = set_lr()
             optimizer.step()
@@ -138,13 +185,28 @@ def train(cfg: TrainConfig, resume: bool | str = False) -> dict:
             tokens_seen += n_tokens
             train_seconds += dt
             m = metrics_from_counts(counts, step_losses)
-            metrics.log({"step": step, "loss": loss_total, **m, "lr": lr, "grad_norm": grad_norm,
-                         "tokens": n_tokens, "tokens_per_s": n_tokens / dt, "elapsed_s": train_seconds})
+            metrics.log(
+                {
+                    "step": step,
+                    "loss": loss_total,
+                    **m,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens": n_tokens,
+                    "tokens_per_s": n_tokens / dt,
+                    "elapsed_s": train_seconds,
+                }
+            )
             window = (window + [counts])[-50:]
             smooth = metrics_from_counts(sum(window))
             bar.update(min(dt, bar.total - bar.n) if timed else 1)
-            bar.set_postfix(step=step, loss=f"{loss_total:.3f}", acc0=f"{smooth['acc'][0]:.3f}",
-                            tau=f"{smooth['sim_accept_len']:.2f}", tok_s=f"{tokens_seen / train_seconds:.0f}")
+            bar.set_postfix(
+                step=step,
+                loss=f"{loss_total:.3f}",
+                acc0=f"{smooth['acc'][0]:.3f}",
+                tau=f"{smooth['sim_accept_len']:.2f}",
+                tok_s=f"{tokens_seen / train_seconds:.0f}",
+            )
             out_of_time = cfg.max_minutes > 0 and train_seconds >= cfg.max_minutes * 60
             if step % cfg.save_every == 0 or step == cfg.max_steps or out_of_time:
                 checkpoint()
@@ -162,8 +224,13 @@ def train(cfg: TrainConfig, resume: bool | str = False) -> dict:
         metrics.close()
 
     smooth = metrics_from_counts(sum(window)) if window else {}
-    summary = {"steps": step, "tokens": tokens_seen, "train_seconds": round(train_seconds, 1),
-               "tokens_per_s": round(tokens_seen / max(train_seconds, 1e-9), 1),
-               "checkpoint": str(latest_checkpoint(out)), **{f"recent_{k}": v for k, v in smooth.items()}}
+    summary = {
+        "steps": step,
+        "tokens": tokens_seen,
+        "train_seconds": round(train_seconds, 1),
+        "tokens_per_s": round(tokens_seen / max(train_seconds, 1e-9), 1),
+        "checkpoint": str(latest_checkpoint(out)),
+        **{f"recent_{k}": v for k, v in smooth.items()},
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
