@@ -1,7 +1,8 @@
 """Pruned-vocabulary head + soft cross-entropy: the draft's lm_head over V_draft tokens against the
 target's distribution restricted to the same tokens.
 
-    loss    = Σ_t mask_t · ( −Σ_v softmax(teacher_t)_v · log_softmax(hidden_t · weightᵀ)_v ) / max(1, Σ_t mask_t)
+    loss    = Σ_t mask_t · ( −Σ_v softmax(teacher_t)_v · log_softmax(hidden_t · weightᵀ)_v )
+              / max(1, Σ_t mask_t)
     correct = argmax_v(hidden_t · weightᵀ) == argmax_v(teacher_t)      (ties → lowest index)
 
 Three implementations of the same math:
@@ -97,15 +98,15 @@ def pruned_vocab_loss(hidden, weight, teacher_logits, mask, *, backend="auto", c
 
 
 def _loss_scale(grad_loss, mask):
-    """d loss / d per_token for a supervised row: grad_out / max(1, Σ mask), as a 1-element fp32 tensor
-    (kept on the device: no host sync)."""
+    """d loss / d per_token for a supervised row: grad_out / max(1, Σ mask), as a 1-element fp32
+    tensor (kept on the device: no host sync)."""
     n = mask.sum().clamp(min=1).to(torch.float32)
     return (grad_loss.to(torch.float32) / n).reshape(1)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Chunked PyTorch path
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 _CHUNK_BYTES = (
     64 << 20
@@ -188,9 +189,9 @@ class _ChunkedPrunedVocabLoss(torch.autograd.Function):
         return grad_h, grad_w, None, None, None
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Triton path
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 if triton is not None:
 
@@ -256,8 +257,9 @@ if triton is not None:
         UPCAST: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
     ):
-        """One program: BLOCK_T rows × one V split. Writes per-(split, row) partials: draft max / Σexp /
-        argmax, teacher max / Σexp / Σ exp(teacher)·logit / argmax. Partials are combined in torch."""
+        """One program: BLOCK_T rows × one V split. Writes per-(split, row) partials: draft max /
+        Σexp / argmax, teacher max / Σexp / Σ exp(teacher)·logit / argmax. Partials are combined in
+        torch."""
         pid_t = tl.program_id(0)
         pid_s = tl.program_id(1)
         offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -301,7 +303,8 @@ if triton is not None:
             z_live = tl.where(col_ok[None, :], z, float("-inf"))
             t_live = tl.where(col_ok[None, :], t, float("-inf"))
 
-            # draft: running max, Σexp and argmax (an equal max in a later tile keeps the earlier index)
+            # draft: running max, Σexp and argmax (an equal max in a later tile keeps the earlier
+            # index)
             tile_m_d = tl.max(z_live, axis=1)
             tile_i_d = tl.argmax(z_live, axis=1, tie_break_left=True) + v0
             i_d = tl.where(tile_m_d > m_d, tile_i_d, i_d)
@@ -469,7 +472,8 @@ def _dot_precision(dtype):
 
 
 def _num_splits(device, n_t_blocks, n_v_blocks):
-    """How many programs share one row block's V range in the forward, so small T still fills the GPU."""
+    """How many programs share one row block's V range in the forward, so small T still fills the
+    GPU."""
     if device.type == "cuda":
         target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     else:

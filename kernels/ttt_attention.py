@@ -1,33 +1,35 @@
 """Training-time-test attention: step k's queries see the step-0 keys causally (within their own
 document) and the keys of steps 1..k on the diagonal (same position only).
 
-    out[b, h, i] = softmax over {keys[0][b, h', j] : j ≤ i, same doc} ∪ {keys[s][b, h', i] : 1 ≤ s < S}
+    out[b, h, i] = softmax over {keys[0][b, h', j] : j ≤ i, same doc}
+                              ∪ {keys[s][b, h', i] : 1 ≤ s < S}
                    of q·k·scale, applied to the matching values;  h' = h // (Hq / Hkv)
 
 Three implementations of the same math:
 - `ttt_attention_reference`: dense [L, S·L] mask, the definition (test oracle only: O(S·L²) memory).
-- Triton (CUDA, or anywhere under TRITON_INTERPRET=1): a flash-attention forward that runs the online
-  softmax over the causal tiles of step 0 (tiles outside the causal / document range are never
-  visited), then folds in the S−1 diagonal terms as row-local dot products, and stores the merged
-  log-sum-exp. The backward recomputes probabilities from that merged LSE: one kernel per query block
-  for dq (causal tiles + diagonals), one per key block for dk0/dv0 (causal tiles, looping over the GQA
-  group so no atomics are needed) and dk_s/dv_s for s ≥ 1 (row-local).
-- torch (CPU): PyTorch's CPU flash kernel for the causal part, one call per document, which returns its
-  log-sum-exp; merged with the diagonal terms through that LSE. The backward calls the flash backward
-  with the *merged* output and LSE, which yields exactly the causal part's share of the gradients; the
-  diagonal gradients are row-local einsums. No L×L tensor is held at any point. (A block-diagonal
-  `attn_mask` would push that kernel onto its masked path, which visits every tile: measured 6-7×
-  slower than per-document calls for 8 documents at L=4096; see bench/results/ttt_attention-cpu-2core.md.)
+- Triton (CUDA, or anywhere under TRITON_INTERPRET=1): a flash-attention forward that runs the
+  online softmax over the causal tiles of step 0 (tiles outside the causal / document range are
+  never visited), then folds in the S−1 diagonal terms as row-local dot products, and stores the
+  merged log-sum-exp. The backward recomputes probabilities from that merged LSE: one kernel per
+  query block for dq (causal tiles + diagonals), one per key block for dk0/dv0 (causal tiles,
+  looping over the GQA group so no atomics are needed) and dk_s/dv_s for s ≥ 1 (row-local).
+- torch (CPU): PyTorch's CPU flash kernel for the causal part, one call per document, which returns
+  its log-sum-exp; merged with the diagonal terms through that LSE. The backward calls the flash
+  backward with the *merged* output and LSE, which yields exactly the causal part's share of the
+  gradients; the diagonal gradients are row-local einsums. No L×L tensor is held at any point. (A
+  block-diagonal `attn_mask` would push that kernel onto its masked path, which visits every tile:
+  measured 6-7× slower than per-document calls for 8 documents at L=4096; see
+  bench/results/ttt_attention-cpu-2core.md.)
 
 Documents: `doc_ids[b]` must number each document as one contiguous run (the trainer numbers them
 0, 1, 2, … along the row). Tile skipping relies on it, so it is checked on every call that passes
 doc_ids (one small reduction and one host sync) and a violation raises ValueError.
 
 Keys and values are kept for the backward by reference, not through `save_for_backward`: a caller
-that writes later steps into other slices of one preallocated buffer bumps the buffer's shared version
-counter, which would trip autograd's in-place check although the slices read here never change (the
-dense reference has no such limit, so neither may we). The caller must not overwrite keys[0:S] /
-values[0:S] before the backward has run.
+that writes later steps into other slices of one preallocated buffer bumps the buffer's shared
+version counter, which would trip autograd's in-place check although the slices read here never
+change (the dense reference has no such limit, so neither may we). The caller must not overwrite
+keys[0:S] / values[0:S] before the backward has run.
 """
 
 import torch
@@ -72,7 +74,8 @@ def ttt_attention_reference(q, keys, values, doc_ids=None, scale=None):
 
 def _doc_runs(doc_ids):
     """Per position: the first index of its document (`start`) and one past its last (`end`), int32
-    [B, L]; plus the boolean [B, L] marking run starts. Raises if a document id recurs after a gap."""
+    [B, L]; plus the boolean [B, L] marking run starts. Raises if a document id recurs after a
+    gap."""
     B, L = doc_ids.shape
     idx = torch.arange(L, device=doc_ids.device)
     change = doc_ids[:, 1:] != doc_ids[:, :-1]
@@ -100,9 +103,9 @@ def _check(q, keys, values, doc_ids):
         assert doc_ids.shape == (B, L), f"doc_ids {tuple(doc_ids.shape)}, expected {(B, L)}"
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Triton path
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 if triton is not None:
 
     @triton.jit
@@ -417,8 +420,8 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
-        """dk, dv of all S steps for one key block of one KV head, summed over its GQA group of query
-        heads inside the program (no atomics). DK, DV are contiguous [S, B, Hkv, L, D]."""
+        """dk, dv of all S steps for one key block of one KV head, summed over its GQA group of
+        query heads inside the program (no atomics). DK, DV are contiguous [S, B, Hkv, L, D]."""
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // Hkv).to(tl.int64)
@@ -439,8 +442,8 @@ if triton is not None:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
 
-        # Queries that can see this key block: from its first key's row to the end of the document of
-        # its last key (query tiles need not align with key tiles: loads are masked per row).
+        # Queries that can see this key block: from its first key's row to the end of the document
+        # of its last key (query tiles need not align with key tiles: loads are masked per row).
         lo = pid_n * BLOCK_N
         if HAS_DOCS:
             hi = tl.load(End + b * L + tl.minimum(pid_n * BLOCK_N + BLOCK_N, L) - 1)
@@ -529,8 +532,8 @@ if triton is not None:
             tl.store(DV + s_idx * step + out_base, dvs.to(DV.dtype.element_ty), mask=cd_mask)
 
 
-# Tiles per kernel: (BLOCK_M query rows, BLOCK_N key rows, num_warps, num_stages). Chosen by compiling
-# for sm_90 with Triton 3.9's ptxas and reading register use (the slow test in
+# Tiles per kernel: (BLOCK_M query rows, BLOCK_N key rows, num_warps, num_stages). Chosen by
+# compiling for sm_90 with Triton 3.9's ptxas and reading register use (the slow test in
 # tests/test_ttt_attention.py repeats it): the 16-bit entries spill at most 16 bytes and fit 99 KiB
 # of shared memory; fp32 operands (exact "ieee" dots run on FMA units, not tensor cores) need small
 # tiles to avoid heavy spilling. Not yet timed on a GPU.
@@ -544,8 +547,8 @@ _TILES_FP32 = {
 }
 # Head dims above 128, and the retry when a GPU lacks shared memory for the tables above.
 _TILES_SMALL = {"16bit": (32, 32, 8, 1), "fp32": (16, 16, 8, 1)}
-# Under the interpreter every program runs in Python: small tiles keep tests fast and multi-tile, and
-# unequal BLOCK_M / BLOCK_N both ways exercise the tile-range arithmetic as the GPU tables do.
+# Under the interpreter every program runs in Python: small tiles keep tests fast and multi-tile,
+# and unequal BLOCK_M / BLOCK_N both ways exercise the tile-range arithmetic as the GPU tables do.
 _TILES_INTERPRET = {"fwd": (32, 16, 1, 1), "dq": (16, 32, 1, 1), "dkdv": (32, 16, 1, 1)}
 _use_small = False
 
@@ -719,11 +722,12 @@ class _TTTAttentionTriton(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # torch path (CPU)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def _segments(doc_ids, B, L):
-    """[(b or None, start, end)]: one causal flash call each. Without documents: the whole batch at once."""
+    """[(b or None, start, end)]: one causal flash call each. Without documents: the whole batch at
+    once."""
     if doc_ids is None:
         return [(None, 0, L)]
     _, _, first = _doc_runs(doc_ids)
@@ -735,7 +739,8 @@ def _segments(doc_ids, B, L):
 
 
 def _piece(x, b, s0, s1):
-    """Rows [s0, s1) of batch b (all batches when b is None) of a [B, H, L, D] or [B, H, L] tensor."""
+    """Rows [s0, s1) of batch b (all batches when b is None) of a [B, H, L, D] or [B, H, L]
+    tensor."""
     x = x if b is None else x[b : b + 1]
     return x[:, :, s0:s1]
 
@@ -810,7 +815,8 @@ class _TTTAttentionTorch(torch.autograd.Function):
         v0 = values[0].repeat_interleave(g, dim=1)
 
         # Causal part: the flash backward fed the merged output and LSE gives exactly this part's
-        # share of the merged attention's gradients (P_ij = exp(s_ij − lse_all), rowsum(dO·O_merged)).
+        # share of the merged attention's gradients
+        # (P_ij = exp(s_ij − lse_all), rowsum(dO·O_merged)).
         dq, dk0, dv0 = _flash_causal_bwd(dout, q, k0, v0, out, lse_all, ctx.segs, scale)
 
         dk = torch.empty(S, B, Hkv, L, D, dtype=keys.dtype)
@@ -834,7 +840,7 @@ class _TTTAttentionTorch(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def ttt_attention(q, keys, values, doc_ids=None, scale=None, *, backend="auto"):
     """q [B, Hq, L, D]; keys, values [S, B, Hkv, L, D] (any strides, e.g. a slice of a preallocated
     buffer); doc_ids [B, L] integer or None, each document one contiguous run per row.

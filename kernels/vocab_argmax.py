@@ -10,7 +10,8 @@ import torch
 
 @torch.no_grad()
 def full_vocab_argmax(hidden, weight, chunk_size=4096):
-    """hidden [T, H], weight [V, H] → int64 [T]: argmax_v(hidden_t · weight_vᵀ), ties → lowest index.
+    """hidden [T, H], weight [V, H] → int64 [T]: argmax_v(hidden_t · weight_vᵀ), ties → lowest
+    index.
 
     chunk_size bounds both the rows and the vocabulary columns of one logits block
     (fp32 [chunk_size, chunk_size], 64 MiB at the default)."""

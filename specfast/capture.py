@@ -61,7 +61,8 @@ def capture(
         },
     }
     with ShardWriter(out, config, shard_tokens=shard_tokens) as writer:
-        # The vocabulary and provenance travel with the shards (written before any shard is committed).
+        # The vocabulary and provenance travel with the shards (written before any shard is
+        # committed).
         if not (out / VOCAB_FILE).exists():
             with atomic_path(out / VOCAB_FILE) as tmp:
                 shutil.copyfile(data.root / VOCAB_FILE, tmp)

@@ -26,7 +26,8 @@ HIDDEN_DTYPES: dict[str, torch.dtype] = {
 
 
 def aux_layer_ids_default(num_layers: int) -> list[int]:
-    """EAGLE-3's default: outputs of layers [1, L//2 - 1, L - 4] (vLLM: inputs of 2, L//2, L - 3)."""
+    """EAGLE-3's default: outputs of layers [1, L//2 - 1, L - 4]
+    (vLLM: inputs of 2, L//2, L - 3)."""
     ids = [1, num_layers // 2 - 1, num_layers - 4]
     check_aux_layer_ids(ids, num_layers)
     return ids
@@ -34,8 +35,8 @@ def aux_layer_ids_default(num_layers: int) -> list[int]:
 
 def check_aux_layer_ids(ids: list[int], num_layers: int | None = None, where: str = "") -> None:
     """Three distinct ascending layers (within the target, when its depth is known). vLLM sorts and
-    de-duplicates the ids it captures, so `fc`'s input blocks only line up with what it feeds if ours
-    are already in that order."""
+    de-duplicates the ids it captures, so `fc`'s input blocks only line up with what it feeds if
+    ours are already in that order."""
     ok = (
         isinstance(ids, (list, tuple))
         and len(ids) == 3

@@ -99,7 +99,8 @@ class TargetRows:
 
 
 class ShardRows:
-    """Offline source: samples captured into hidden-state shards (already cut to the token budget)."""
+    """Offline source: samples captured into hidden-state shards (already cut to the token
+    budget)."""
 
     def __init__(self, dataset, batch_tokens: int, device: torch.device):
         self.dataset, self.batch_tokens, self.device = dataset, batch_tokens, device
@@ -172,8 +173,8 @@ class Batches:
 
 
 def supervised_within(data: PreparedData, batch_tokens: int) -> np.ndarray:
-    """Samples with at least one supervised token in their first `batch_tokens` tokens (the rest would only
-    cost a target forward: a long prompt cut to the budget can lose its whole answer)."""
+    """Samples with at least one supervised token in their first `batch_tokens` tokens (the rest
+    would only cost a target forward: a long prompt cut to the budget can lose its whole answer)."""
     supervised = np.concatenate([[0], np.cumsum(data.loss_mask.numpy(), dtype=np.int64)])
     starts = data.offsets[:-1].numpy()
     ends = np.minimum(data.offsets[1:].numpy(), starts + batch_tokens)
@@ -191,7 +192,8 @@ def supervised_within(data: PreparedData, batch_tokens: int) -> np.ndarray:
 def online_plan(
     data: PreparedData, batch_tokens: int, seed: int, shuffle: bool = True
 ) -> BatchPlan:
-    """The plan over a prepared dataset: only samples that can be supervised within the token budget."""
+    """The plan over a prepared dataset: only samples that can be supervised within the token
+    budget."""
     return BatchPlan(
         data.lengths(),
         batch_tokens,

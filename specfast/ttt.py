@@ -13,19 +13,23 @@ At step k (0-based), row position t:
     supervised iff   t+2+k is in t's document, label[t+2+k], and the target's full-vocabulary argmax
                      at t+1+k is in the draft vocabulary
     attends to       step-0 keys at positions j ≤ t of its own document, and the keys of steps
-                     1..k at position t only ("causal + k diagonals", specfast.kernels.ttt_attention)
+                     1..k at position t only ("causal + k diagonals",
+                     specfast.kernels.ttt_attention)
 
 Worked example, one document "A B C D E" (t = 0..4), steps = 2:
-    step 0, t=0: token B, hidden fc(a[0]), pos 0, predicts C (teacher p[1]); attends step-0 key 0
-    step 0, t=2: token D, hidden fc(a[2]), pos 2, predicts E (teacher p[3]); attends step-0 keys 0..2
-    step 1, t=0: token C, hidden h0[0],    pos 1, predicts D (teacher p[2]); attends step-0 key 0, step-1 key 0
+    step 0, t=0: token B, hidden fc(a[0]), pos 0, predicts C (teacher p[1]);
+                 attends step-0 key 0
+    step 0, t=2: token D, hidden fc(a[2]), pos 2, predicts E (teacher p[3]);
+                 attends step-0 keys 0..2
+    step 1, t=0: token C, hidden h0[0],    pos 1, predicts D (teacher p[2]);
+                 attends step-0 key 0, step-1 key 0
     step 1, t=2: token E, predicts x[5]: outside the document, not supervised
 This is what inference does: after the target emits B from prefix "A", the draft reads (B, a[0]) to
 propose C, then (C, its own hidden) to propose D, each step one position further.
 
-Loss: Σ_k 0.8^k · loss_k, loss_k the soft cross-entropy over step k's supervised positions divided by
-their count (not by B·T). Metrics per step: accuracy, conditional accuracy (given steps 0..k-1 right at
-that position), and the simulated acceptance length τ = 1 + Σ_k Π_{j≤k} cond_acc_j.
+Loss: Σ_k 0.8^k · loss_k, loss_k the soft cross-entropy over step k's supervised positions divided
+by their count (not by B·T). Metrics per step: accuracy, conditional accuracy (given steps 0..k-1
+right at that position), and the simulated acceptance length τ = 1 + Σ_k Π_{j≤k} cond_acc_j.
 """
 
 from __future__ import annotations
@@ -128,8 +132,8 @@ def ttt_metrics(
 
 
 def ttt_counts(correct: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """int64 [steps, 4]: (valid, correct, chain-valid, chain-correct) counts per step, where the chain at
-    step k is the positions whose steps 0..k-1 were all supervised and right."""
+    """int64 [steps, 4]: (valid, correct, chain-valid, chain-correct) counts per step, where the
+    chain at step k is the positions whose steps 0..k-1 were all supervised and right."""
     chain = torch.ones_like(valid[0])
     rows = []
     for k in range(valid.shape[0]):

@@ -23,7 +23,8 @@ def seed():
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
-    """The embedded SmolLM2 target, converted from its GGUF once per machine (~30 s the first time)."""
+    """The embedded SmolLM2 target, converted from its GGUF once per machine (~30 s the first
+    time)."""
     from specfast.targets import resolve_target_path
 
     return resolve_target_path("smollm2")
@@ -31,7 +32,8 @@ def smollm2_dir():
 
 @pytest.fixture(scope="session")
 def tiny_target_dir(tmp_path_factory, smollm2_dir):
-    """A tiny random Llama with SmolLM2's real tokenizer and chat template: fast, and a real HF folder."""
+    """A tiny random Llama with SmolLM2's real tokenizer and chat template: fast, and a real HF
+    folder."""
 
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -71,7 +73,7 @@ def tiny_chat_jsonl(tmp_path_factory):
     with open(path, "w") as f:
         for i in range(60):
             turns = []
-            for t in range(rng.randint(1, 3)):
+            for _ in range(rng.randint(1, 3)):
                 turns.append(
                     {"from": "human", "value": " ".join(rng.choices(words, k=rng.randint(3, 12)))}
                 )

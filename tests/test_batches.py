@@ -1,6 +1,6 @@
 """The batch plan (the only packer) and the pipeline's pieces: every eligible sample once per
-epoch within the token budget, reproducible from a seed, resumable from a saved position, split across
-ranks without changing the global sequence of batches."""
+epoch within the token budget, reproducible from a seed, resumable from a saved position, split
+across ranks without changing the global sequence of batches."""
 
 import numpy as np
 import pytest

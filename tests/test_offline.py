@@ -1,5 +1,6 @@
 """Offline mode: `specfast capture` writes shards that train to the same losses as the online run on
-the same data; a capture killed mid-way resumes to the same shards; shards from another target are refused."""
+the same data; a capture killed mid-way resumes to the same shards; shards from another target are
+refused."""
 
 import json
 import os

@@ -14,7 +14,8 @@ from specfast.kernels import (
     pruned_vocab_loss_reference,
 )
 
-# grads are returned in the input dtype: compare at that dtype's rounding (relative to the largest entry)
+# grads are returned in the input dtype: compare at that dtype's rounding (relative to the largest
+# entry)
 GRAD_TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 BACKENDS = [
     ("triton", torch.float32),
@@ -35,7 +36,8 @@ def _inputs(T, H, V, dtype, case):
     hidden = (torch.randn(T, H) * scale).to(dtype)
     weight = (torch.randn(V, H) / H**0.5).to(dtype)
     if case == "strided":
-        # the TTT loop passes shifted slices of one tensor; also skip every other row and pad columns
+        # the TTT loop passes shifted slices of one tensor; also skip every other row and pad
+        # columns
         base = (torch.randn(2 * T + 7, V + 5) * 3).to(dtype)
         teacher = base[3 : 3 + 2 * T : 2, 2 : 2 + V]
         assert not teacher.is_contiguous()
@@ -140,9 +142,9 @@ def _first_and_last_argmax(x):
 def test_ties_go_to_lowest_index(seed, backend):
     """Small integers make every logit exact, so ties are real (within a tile, across tiles and
     across the forward's V splits). Even rows: the teacher's only maximum sits at the draft's *last*
-    maximal index, so `correct` is False unless the draft argmax wrongly picks the last tie. Odd rows:
-    the teacher ties every index from the draft's first maximal one to the end (across tiles and
-    splits), so `correct` is True unless the teacher argmax wrongly picks a later tie."""
+    maximal index, so `correct` is False unless the draft argmax wrongly picks the last tie. Odd
+    rows: the teacher ties every index from the draft's first maximal one to the end (across tiles
+    and splits), so `correct` is True unless the teacher argmax wrongly picks a later tie."""
     T, H, V = 24, 3, 131
     hidden = torch.randint(-1, 2, (T, H)).float()
     weight = torch.randint(-1, 2, (V, H)).float()

@@ -1,6 +1,6 @@
-"""The trainer end to end on a tiny target: learning happens, a run killed with SIGKILL resumes to the
-exact same losses as an uninterrupted one, export writes what vLLM/SGLang load and refuses bad input,
-and the CLI answers bad input with one line."""
+"""The trainer end to end on a tiny target: learning happens, a run killed with SIGKILL resumes to
+the exact same losses as an uninterrupted one, export writes what vLLM/SGLang load and refuses bad
+input, and the CLI answers bad input with one line."""
 
 import json
 import os
@@ -152,7 +152,8 @@ def test_export_layout_loads_back(trained_run, tmp_path):
         and cfg["draft_vocab_size"] == 64
         and cfg["target_hidden_size"] == 32
     )
-    # tiny target has 8 layers: default outputs [1, 3, 4]; vLLM ids are one higher, SGLang's the same
+    # tiny target has 8 layers: default outputs [1, 3, 4]; vLLM ids are one higher, SGLang's the
+    # same
     assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 3, 4]
     assert cfg["eagle_aux_hidden_state_layer_ids"] == [2, 4, 5]
     assert cfg["rope_parameters"] == {"rope_type": "default", "rope_theta": 10000.0}

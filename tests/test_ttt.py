@@ -1,5 +1,6 @@
-"""The TTT unroll (specfast.ttt) against an independent dense-mask reference written here with explicit
-loops: which token, hidden state, RoPE position, keys and teacher row each (step, position) uses."""
+"""The TTT unroll (specfast.ttt) against an independent dense-mask reference written here with
+explicit loops: which token, hidden state, RoPE position, keys and teacher row each (step, position)
+uses."""
 
 import math
 
@@ -134,6 +135,7 @@ def test_metrics_conditional_accuracy_and_tau():
     valid = torch.ones(3, 4, dtype=torch.bool)
     m = ttt_metrics(correct, valid)
     assert m["acc"] == pytest.approx([0.75, 0.75, 0.25])
-    # step 1 given step 0 right (positions 0,1,2): right at 0,1 -> 2/3; step 2 given 0,1 right (0,1): 1/2
+    # step 1 given step 0 right (positions 0,1,2): right at 0,1 -> 2/3;
+    # step 2 given 0,1 right (0,1): 1/2
     assert m["cond_acc"] == pytest.approx([0.75, 2 / 3, 0.5])
     assert m["sim_accept_len"] == pytest.approx(1 + 0.75 + 0.75 * 2 / 3 + 0.75 * 2 / 3 * 0.5)

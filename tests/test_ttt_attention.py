@@ -1,5 +1,5 @@
-"""The fused TTT attention paths (Triton under TRITON_INTERPRET=1, and the CPU torch path) held to the
-dense-mask reference: output and the gradients of q, keys and values, on fresh random inputs."""
+"""The fused TTT attention paths (Triton under TRITON_INTERPRET=1, and the CPU torch path) held to
+the dense-mask reference: output and the gradients of q, keys and values, on fresh random inputs."""
 
 import logging
 
@@ -47,7 +47,9 @@ def run_and_compare(backend, S, B, Hq, Hkv, L, D, n_docs, dtype, scale=None):
     assert out.dtype == dtype and out.shape == (B, Hq, L, D)
     for name, a, b in zip(["out", "dq", "dkeys", "dvalues"], got, want):
         assert a.shape == b.shape, name
-        torch.testing.assert_close(a.float(), b.float(), **TOL[dtype], msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            a.float(), b.float(), **TOL[dtype], msg=lambda m, name=name: f"{name}: {m}"
+        )
     return q, keys, values, doc_ids
 
 
@@ -155,10 +157,10 @@ def test_auto_dispatch_on_cpu_says_torch_path(caplog):
     assert len(said) == 1 and "torch path on cpu" in said[0]  # once, not per call
 
 
-# Compiles the three kernels for an H100 (sm_90) with the ptxas that ships in the Triton wheel, no GPU
-# needed, as the JIT would specialise them for contiguous 16-byte-aligned bf16 tensors, and reads the
-# register spills and shared memory of each tile choice. Run in a subprocess: the kernels in this
-# process were defined for the interpreter.
+# Compiles the three kernels for an H100 (sm_90) with the ptxas that ships in the Triton wheel, no
+# GPU needed, as the JIT would specialise them for contiguous 16-byte-aligned bf16 tensors, and
+# reads the register spills and shared memory of each tile choice. Run in a subprocess: the kernels
+# in this process were defined for the interpreter.
 _COMPILE_FOR_SM90 = r"""
 import importlib, json, os, subprocess, tempfile, sys
 import torch, triton
@@ -171,27 +173,33 @@ result = []
 for D in (64, 128):
     for kind, fn in kernels.items():
         bm, bn, warps, stages = m._tiles(kind, torch.bfloat16, D, False)
-        consts = dict(HAS_DOCS=True, UPCAST=False, DOT_PREC="tf32", BLOCK_D=D, BLOCK_M=bm, BLOCK_N=bn)
+        consts = dict(HAS_DOCS=True, UPCAST=False, DOT_PREC="tf32",
+                      BLOCK_D=D, BLOCK_M=bm, BLOCK_N=bn)
         sig, attrs = {}, {}
         for i, n in enumerate(fn.arg_names):
             if n in consts or n.endswith("_d"):  # unit strides are specialised to 1 by the JIT
                 consts.setdefault(n, 1)
                 sig[n] = "constexpr"
-            elif n in ("Q", "K", "V", "DO", "Out", "DQ", "DK", "DV", "Lse", "Delta", "Start", "End"):
-                sig[n] = {"Lse": "*fp32", "Delta": "*fp32", "Start": "*i32", "End": "*i32"}.get(n, "*bf16")
+            elif n in ("Q", "K", "V", "DO", "Out", "DQ", "DK", "DV",
+                       "Lse", "Delta", "Start", "End"):
+                sig[n] = {"Lse": "*fp32", "Delta": "*fp32",
+                          "Start": "*i32", "End": "*i32"}.get(n, "*bf16")
                 attrs[(i,)] = [["tt.divisibility", 16]]
             elif n in ("scale", "scale_log2"):
                 sig[n] = "fp32"
             else:
                 sig[n] = "i32"
-                if (n.startswith("s") and n != "S") or n == "D":  # head dim and strides: multiples of 16
+                # head dim and strides: multiples of 16
+                if (n.startswith("s") and n != "S") or n == "D":
                     attrs[(i,)] = [["tt.divisibility", 16]]
         src = ASTSource(fn=fn, signature=sig, attrs=attrs,
                         constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": warps, "num_stages": stages})
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(k.asm["cubin"]); f.flush()
-            usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+            usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name],
+                                   capture_output=True, text=True).stdout
         stack = int(usage.split("STACK:")[1].split()[0])
         result.append(dict(D=D, kind=kind, shared=k.metadata.shared, stack=stack))
 print(json.dumps(result))

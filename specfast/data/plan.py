@@ -1,21 +1,21 @@
 """The batch plan: which samples go into which batch, for every epoch. It is the only packer in
 specfast: online training, offline training and capture all draw their batches from it.
 
-Definition. Sample lengths are cut to the token budget (`batch_tokens`). Epoch e visits the eligible samples in the
-order `eligible[permutation(len(eligible), seed, e)]` (shuffled) or `eligible` (not shuffled), and
-packs them greedily from the current position: a batch takes samples in that order while their
-lengths fit the token budget (a batch always takes at least one sample). No sample is split, no padding is
-added. Packing greedily from any position means a stream resumed at a batch boundary continues with
-exactly the batches it would have had, and capture can resume at any sample.
+Definition. Sample lengths are cut to the token budget (`batch_tokens`). Epoch e visits the eligible
+samples in the order `eligible[permutation(len(eligible), seed, e)]` (shuffled) or `eligible` (not
+shuffled), and packs them greedily from the current position: a batch takes samples in that order
+while their lengths fit the token budget (a batch always takes at least one sample). No sample is
+split, no padding is added. Packing greedily from any position means a stream resumed at a batch
+boundary continues with exactly the batches it would have had, and capture can resume at any sample.
 
 The global stream is the batches of epoch 0, then epoch 1, and so on. Its position is
 `(epoch, cursor)`, the index in the epoch's order of the first sample not yet handed out; that pair
 (with the seed and token budget that define the stream) is the whole resumable state.
 
 Ranks. With `world_size` N, each call to :meth:`BatchPlan.next` consumes the next N batches of the
-global stream and returns the `rank`-th of them, so rank r takes global batches r, r + N, r + 2N, ...
-and the sequence of global batches does not depend on N. The position stays global, so a run can
-resume on a different number of ranks.
+global stream and returns the `rank`-th of them, so rank r takes global batches r, r + N,
+r + 2N, ... and the sequence of global batches does not depend on N. The position stays global, so
+a run can resume on a different number of ranks.
 
 The C++ extension supplies the fast path (`permutation`, a seeded Fisher-Yates with a fixed
 definition, and `pack_batches`); this module is their only caller.
@@ -112,7 +112,8 @@ class BatchPlan:
 
     # ---------------------------------------------------------------- the stream
     def batches_from(self, epoch: int, cursor: int) -> Iterator[np.ndarray]:
-        """This rank's batches from position (epoch, cursor) on, endlessly; does not move the plan."""
+        """This rank's batches from position (epoch, cursor) on, endlessly; does not move the
+        plan."""
         while True:
             mine = None
             for r in range(self.world_size):

@@ -7,8 +7,8 @@
     DIR/meta.json          what produced it, counts, coverage; written last, so its presence means
                            complete
 
-It is one of the two sample sources of the batching pipeline (specfast.pipeline): `lengths()` for the
-batch plan, `read()` for a batch's tokens.
+It is one of the two sample sources of the batching pipeline (specfast.pipeline): `lengths()` for
+the batch plan, `read()` for a batch's tokens.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""TrainConfig: every knob of `specfast train`, from defaults, a YAML file, then command-line flags."""
+"""TrainConfig: every knob of `specfast train`, from defaults, a YAML file, then command-line
+flags."""
 
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ class TrainConfig:
             ids = [int(x) for x in str(self.aux_layer_ids).split(",")]
         except ValueError:
             raise ValueError(
-                f"config: aux_layer_ids {self.aux_layer_ids!r} is not a comma-separated list of ints"
+                f"config: aux_layer_ids {self.aux_layer_ids!r} is not a comma-separated list "
+                "of ints"
             ) from None
         if len(ids) != 3:
             raise ValueError(f"config: aux_layer_ids needs 3 ids, got {ids}")
@@ -93,7 +95,8 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per field (`--batch-tokens`, `--no-tensorboard`); unset flags leave YAML values alone."""
+    """One flag per field (`--batch-tokens`, `--no-tensorboard`); unset flags leave YAML values
+    alone."""
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default

@@ -1,4 +1,5 @@
-"""Training metrics: one JSON line per step, TensorBoard scalars, and a PNG of loss and per-step accuracy."""
+"""Training metrics: one JSON line per step, TensorBoard scalars, and a PNG of loss and per-step
+accuracy."""
 
 from __future__ import annotations
 

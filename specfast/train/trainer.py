@@ -73,7 +73,8 @@ def open_batches(cfg: TrainConfig, device: torch.device):
 
 
 def train(cfg: TrainConfig, resume: bool | str = False) -> dict:
-    """Train a draft; returns a summary. `resume`: True for the latest checkpoint in cfg.out, or a path."""
+    """Train a draft; returns a summary. `resume`: True for the latest checkpoint in cfg.out, or a
+    path."""
     cfg.validate()
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
