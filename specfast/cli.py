@@ -36,16 +36,6 @@ def _setup_logging(verbose: bool) -> None:
         _quiet_libraries()
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="specfast: %(message)s",
-        stream=sys.stderr,
-    )
-    if not verbose:
-        _quiet_libraries()
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="specfast",
