@@ -116,26 +116,31 @@ class ShardRows:
         )
 
 
-def assemble_batch(raw: dict, target, vocab: DraftVocab, device: torch.device) -> PackedBatch:
+def assemble_batch(
+    raw: dict, target, vocab: DraftVocab, device: torch.device, teacher_weight: torch.Tensor
+) -> PackedBatch:
     """The one place a PackedBatch is built: documents and positions from the sample boundaries,
-    teacher logits over the draft vocabulary from the final hidden state, and whether the target's
-    own pick lies in the draft vocabulary."""
+    the teacher as the target's final hidden state with `teacher_weight` (the draft vocabulary's
+    rows of its lm_head: no [T, V_draft] logits tensor), and whether the target's own pick lies in
+    the draft vocabulary (rows without a computed argmax, -1, are never supervised)."""
     doc_ids, positions = doc_layout(raw["offsets"].cpu().diff())
     final = raw["final_hidden"].to(device, non_blocking=True)
-    draft_ids, t2d = vocab.draft_ids.to(device), vocab.t2d.to(device)
     argmax = raw.get("target_argmax")
     if argmax is None:  # shards captured without it: recompute from the stored final hidden state
         from specfast.kernels import full_vocab_argmax
 
         argmax = full_vocab_argmax(final.float(), target.lm_head_weight().float())
+    argmax = argmax.to(device).long()
+    t2d = vocab.t2d.to(device)
     return PackedBatch(
         input_ids=raw["input_ids"].to(device).long(),
         doc_ids=doc_ids.to(device),
         positions=positions.to(device),
         loss_mask=raw["loss_mask"].to(device).bool(),
         aux_hidden=raw["aux_hidden"].to(device, non_blocking=True),
-        teacher_logits=target.teacher_logits(final, draft_ids),
-        target_in_vocab=t2d[argmax.to(device).long()],
+        target_in_vocab=(argmax >= 0) & t2d[argmax.clamp(min=0)],
+        teacher_hidden=final,
+        teacher_weight=teacher_weight,
     )
 
 
@@ -146,6 +151,8 @@ class Batches:
         self.source, self.plan, self.target, self.vocab = source, plan, target, vocab
         self.device = device
         self._stream = None
+        # The draft vocabulary's rows of the target's lm_head, gathered once for every batch.
+        self.teacher_weight = target.lm_head_weight()[vocab.draft_ids.to(target.device)].to(device)
 
     def next_raw(self) -> dict:
         if self._stream is None:  # reads ahead from the current position on
@@ -157,7 +164,9 @@ class Batches:
         return raw
 
     def next(self) -> PackedBatch:
-        return assemble_batch(self.next_raw(), self.target, self.vocab, self.device)
+        return assemble_batch(
+            self.next_raw(), self.target, self.vocab, self.device, self.teacher_weight
+        )
 
     def state_dict(self) -> dict:
         return self.plan.state_dict()

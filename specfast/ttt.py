@@ -46,23 +46,35 @@ STEP_WEIGHT_DECAY = 0.8
 
 @dataclass
 class PackedBatch:
-    """One packed row of T tokens and what the target said about it."""
+    """One packed row of T tokens and what the target said about it. The teacher is given either
+    as logits over the draft vocabulary, or (cheaper: no [T, V_draft] tensor) as the target's final
+    hidden state with the draft vocabulary's rows of its lm_head."""
 
     input_ids: torch.Tensor  # int64 [T]
     doc_ids: torch.Tensor  # int64 [T], contiguous runs numbered 0, 1, 2, …
     positions: torch.Tensor  # int64 [T], position within the document
     loss_mask: torch.Tensor  # bool [T], token t is an assistant token
     aux_hidden: torch.Tensor  # [T, 3·H_target]
-    teacher_logits: (
-        torch.Tensor
-    )  # fp32 [T, V_draft], the target's logits at t over the draft vocabulary
-    target_in_vocab: (
-        torch.Tensor
-    )  # bool [T], target's full-vocab argmax at t lies in the draft vocabulary
+    target_in_vocab: torch.Tensor  # bool [T], the target's own argmax at t is a draft token
+    teacher_logits: torch.Tensor | None = None  # fp32 [T, V_draft]: target logits at t
+    teacher_hidden: torch.Tensor | None = None  # [T, H_target], after the target's final norm
+    teacher_weight: torch.Tensor | None = None  # [V_draft, H_target]: lm_head rows of draft ids
+
+    def __post_init__(self):
+        if (self.teacher_logits is None) == (self.teacher_hidden is None):
+            raise ValueError("PackedBatch needs teacher_logits or teacher_hidden, not both")
+        if self.teacher_hidden is not None and self.teacher_weight is None:
+            raise ValueError("PackedBatch: teacher_hidden needs teacher_weight")
 
     @property
     def num_tokens(self) -> int:
         return self.input_ids.numel()
+
+    def teacher_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """fp32 teacher logits [len(rows), V_draft] of the given rows only."""
+        if self.teacher_logits is not None:
+            return self.teacher_logits[rows].float()
+        return self.teacher_hidden[rows].float() @ self.teacher_weight.float().t()
 
 
 @dataclass
@@ -91,36 +103,75 @@ def supervised_mask(batch: PackedBatch, k: int) -> torch.Tensor:
     )
 
 
-def ttt_unroll(draft: Eagle3Draft, batch: PackedBatch, steps: int) -> TTTResult:
+def rows_needed(supervised: torch.Tensor) -> torch.Tensor:
+    """bool [steps, T]: the rows step k must compute. Step 0 computes every row: its keys are what
+    later steps attend to causally. At k ≥ 1 a row's output reaches only its own later steps (the
+    keys of steps ≥ 1 are attended on the diagonal alone), so it is needed iff some step j ≥ k
+    supervises it."""
+    later = supervised.flip(0).cummax(0).values.flip(0)
+    later[0] = True
+    return later
+
+
+def ttt_unroll(
+    draft: Eagle3Draft, batch: PackedBatch, steps: int, recompute: bool = False
+) -> TTTResult:
+    """The unroll of the module docstring, computing only rows that count (exactly: the rows left
+    out feed nothing that is supervised). `recompute`: store each step's inputs only and recompute
+    its layer in backward (memory for time)."""
     T = batch.num_tokens
     if steps < 1:
         raise ValueError(f"ttt steps must be ≥ 1, not {steps}")
-    # One padded teacher tensor; step k reads the strided view rows t + 1 + k (no copy per step).
-    V = batch.teacher_logits.shape[1]
-    teacher = torch.cat([batch.teacher_logits, batch.teacher_logits.new_zeros(steps + 1, V)])
+    supervised = torch.stack([supervised_mask(batch, k) for k in range(steps)])
+    needed = rows_needed(supervised)
+    attn = draft.midlayer.self_attn
     doc_ids = batch.doc_ids[None]
     h = draft.fc(batch.aux_hidden.to(draft.fc.weight.dtype))[None]  # [1, T, H]
-    keys, values = [], []
-
-    def attend(q, k, v):
-        keys.append(k)
-        values.append(v)
-        return ttt_attention(q, torch.stack(keys), torch.stack(values), doc_ids=doc_ids)
+    # Keys and values of every step in one buffer, written in place (zeros: rows a step skips
+    # must stay finite, their outputs are multiplied by zero gradients).
+    kv_shape = (steps, 1, attn.nkv, T, attn.hd)
+    keys, values = h.new_zeros(kv_shape), h.new_zeros(kv_shape)
+    rows = torch.arange(T, device=h.device)  # the rows `h` holds, ascending
 
     total = h.new_zeros((), dtype=torch.float32)
-    step_losses, correct, valid = [], [], []
+    step_losses, correct = [], []
     for k in range(steps):
-        tokens = shifted(batch.input_ids, 1 + k, 0)[None]
-        h = draft.step(tokens, h, (batch.positions + k)[None], attend)
-        mask = supervised_mask(batch, k)
-        loss_k, correct_k = pruned_vocab_loss(
-            draft.norm(h[0]), draft.lm_head.weight, teacher[1 + k : 1 + k + T], mask
+        if k > 0:
+            keep = needed[k][rows]
+            h, rows = h[:, keep], rows[keep]
+            if rows.numel() == 0:  # nothing supervised from here on
+                step_losses += [0.0] * (steps - k)
+                correct += [torch.zeros(T, dtype=torch.bool, device=h.device)] * (steps - k)
+                break
+        everything = rows.numel() == T
+
+        def attend(q, kk, vv, k=k, rows=rows, everything=everything):
+            keys[k].index_copy_(2, rows, kk)
+            values[k].index_copy_(2, rows, vv)
+            if not everything:  # queries at their row; skipped rows ask with q = 0
+                q = q.new_zeros(q.shape[0], q.shape[1], T, q.shape[3]).index_copy(2, rows, q)
+            out = ttt_attention(q, keys[: k + 1], values[: k + 1], doc_ids=doc_ids)
+            return out if everything else out[:, :, rows]
+
+        tokens = shifted(batch.input_ids, 1 + k, 0)[rows][None]
+        h = draft.step(tokens, h, (batch.positions[rows] + k)[None], attend, recompute)
+        # The head and loss see the supervised rows only; the loss is a mean over them.
+        pick = supervised[k][rows]
+        sup_rows = rows[pick]
+        loss_k, correct_rows = pruned_vocab_loss(
+            draft.norm(h[0, pick]),
+            draft.lm_head.weight,
+            batch.teacher_rows(sup_rows + 1 + k),
+            torch.ones_like(sup_rows, dtype=torch.bool),
         )
         total = total + (STEP_WEIGHT_DECAY**k) * loss_k
         step_losses.append(float(loss_k.detach()))
-        correct.append(correct_k)
-        valid.append(mask)
-    return TTTResult(total, step_losses, torch.stack(correct), torch.stack(valid))
+        correct.append(
+            torch.zeros(T, dtype=torch.bool, device=h.device).index_fill(
+                0, sup_rows[correct_rows], True
+            )
+        )
+    return TTTResult(total, step_losses, torch.stack(correct), supervised)
 
 
 def ttt_metrics(

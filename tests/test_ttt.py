@@ -45,6 +45,14 @@ def random_batch(doc_lengths, vocab=50, draft_vocab=12, hidden=16):
     )
 
 
+def rotate(x, pos, inv_freq):
+    """Rotate-half RoPE with explicit angle tables: [1, heads, T, hd] at positions [T]."""
+    angle = pos.float()[:, None] * inv_freq
+    cos, sin = torch.cat([angle, angle], -1).cos(), torch.cat([angle, angle], -1).sin()
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
 def reference_unroll(draft, b: PackedBatch, steps: int):
     """Dense, loop-by-loop restatement of the semantics in specfast/ttt.py's docstring."""
     T = b.input_ids.numel()
@@ -57,11 +65,13 @@ def reference_unroll(draft, b: PackedBatch, steps: int):
     for k in range(steps):
         tok = torch.tensor([int(b.input_ids[t + 1 + k]) if t + 1 + k < T else 0 for t in range(T)])
         pos = torch.tensor([int(b.positions[t]) + k for t in range(T)])
-        cos, sin = draft.rotary(pos[None], h_prev.dtype)
         x = torch.cat([layer.input_layernorm(draft.embed(tok)), layer.hidden_norm(h_prev)], -1)[
             None
         ]
-        q, kk, vv = attn.qkv(x, cos, sin)  # [1, heads, T, hd]
+        q = attn.q_proj(x).view(1, T, nh, hd).transpose(1, 2)  # [1, heads, T, hd]
+        kk = attn.k_proj(x).view(1, T, nkv, hd).transpose(1, 2)
+        vv = attn.v_proj(x).view(1, T, nkv, hd).transpose(1, 2)
+        q, kk = rotate(q, pos, draft.rotary.inv_freq), rotate(kk, pos, draft.rotary.inv_freq)
         K.append(kk[0].transpose(0, 1))
         V.append(vv[0].transpose(0, 1))
         outs = []
@@ -139,3 +149,42 @@ def test_metrics_conditional_accuracy_and_tau():
     # step 2 given 0,1 right (0,1): 1/2
     assert m["cond_acc"] == pytest.approx([0.75, 2 / 3, 0.5])
     assert m["sim_accept_len"] == pytest.approx(1 + 0.75 + 0.75 * 2 / 3 + 0.75 * 2 / 3 * 0.5)
+
+
+@pytest.mark.parametrize("mask_rate", [0.2, 0.0])
+def test_skipped_rows_change_nothing_when_few_rows_count(seed, mask_rate):
+    """Sparse supervision (most rows skipped from steps ≥ 1 and from the head), and a batch with
+    nothing supervised at all, still match the dense reference."""
+    draft = tiny_draft()
+    b = random_batch([7, 12, 3])
+    b.loss_mask = torch.rand(b.num_tokens) < mask_rate
+    res = ttt_unroll(draft, b, 4)
+    ref_loss, _, ref_valid = reference_unroll(draft, b, 4)
+    assert torch.equal(res.valid, ref_valid)
+    torch.testing.assert_close(res.loss, ref_loss, rtol=1e-5, atol=1e-5)
+    if ref_valid.any():
+        g = torch.autograd.grad(res.loss, [draft.fc.weight, draft.lm_head.weight])
+        g_ref = torch.autograd.grad(ref_loss, [draft.fc.weight, draft.lm_head.weight])
+        for a, r in zip(g, g_ref):
+            torch.testing.assert_close(a, r, rtol=1e-3, atol=1e-5)
+
+
+def test_teacher_from_hidden_and_recompute_give_the_same_step(seed):
+    """The teacher as final hidden + lm_head rows equals the same teacher as logits; recomputing
+    each step's layer in backward gives the same loss and gradients."""
+    draft = tiny_draft()
+    b = random_batch([9, 6])
+    hidden, weight = torch.randn(b.num_tokens, 20), torch.randn(12, 20)
+    b.teacher_logits = hidden @ weight.t()
+    by_hidden = PackedBatch(
+        **{**vars(b), "teacher_logits": None, "teacher_hidden": hidden, "teacher_weight": weight}
+    )
+    params = [p for p in draft.parameters() if p.requires_grad]
+    results = []
+    for batch, recompute in ((b, False), (by_hidden, False), (b, True)):
+        res = ttt_unroll(draft, batch, 3, recompute=recompute)
+        results.append((res.loss, torch.autograd.grad(res.loss, params)))
+    for loss, grads in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], rtol=1e-5, atol=1e-6)
+        for a, r in zip(grads, results[0][1]):
+            torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-6)

@@ -15,24 +15,28 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from specfast.kernels import add_rms_norm, rms_norm, rope, swiglu
 
 from .config import DraftConfig
 
 
 class RMSNorm(nn.Module):
+    """`weight · (x / rms(x))`, statistics in fp32, the normed value rounded to x's dtype."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin for integer positions, with whatever rope type the target uses (via transformers)."""
+    """Inverse frequencies and attention scaling of whatever rope type the target uses (via
+    transformers); the rotation itself is `specfast.kernels.rope`."""
 
     def __init__(self, cfg: DraftConfig):
         super().__init__()
@@ -55,20 +59,9 @@ class RotaryEmbedding(nn.Module):
             inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](lc, None)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
 
-    def forward(
-        self, positions: torch.Tensor, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[..., None] * self.inv_freq  # [..., T, D/2]
-        emb = torch.cat([freqs, freqs], dim=-1)
-        scale = self.attention_scaling
-        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, T, D]; cos/sin [B, T, D] (rotate-half convention, as Llama)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [B, heads, T, D] rotated to integer positions [B, T] (rotate-half, as Llama)."""
+        return rope(x, positions, self.inv_freq, self.attention_scaling)
 
 
 class Attention(nn.Module):
@@ -80,13 +73,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(2 * cfg.hidden_size, self.nkv * self.hd, bias=False)
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
 
-    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding):
         """x [B, T, 2H] -> q [B, nh, T, hd], k and v [B, nkv, T, hd], RoPE applied to q and k."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        return rotary(q, positions), rotary(k, positions), v
 
 
 class MLP(nn.Module):
@@ -99,10 +92,13 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
+    """Split in two around the attention call (`pre`, `post`) so that a step can be recomputed in
+    backward without repeating the attention, which writes keys into the caller's buffers."""
+
     def __init__(self, cfg: DraftConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -112,17 +108,32 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.norm_before_residual = cfg.norm_before_residual
 
-    def forward(self, emb, h, cos, sin, attend):
-        """emb, h [B, T, H]; attend(q, k, v) -> [B, nh, T, hd]. Returns the new hidden state
-        (before `norm`)."""
+    def pre(self, emb, h, positions, rotary):
+        """q, k, v and the residual stream from the token embedding and the incoming hidden."""
         hn = self.hidden_norm(h)
         residual = hn if self.norm_before_residual else h
         x = torch.cat([self.input_layernorm(emb), hn], dim=-1)
-        q, k, v = self.self_attn.qkv(x, cos, sin)
-        a = attend(q, k, v)
+        q, k, v = self.self_attn.qkv(x, positions, rotary)
+        return q, k, v, residual
+
+    def post(self, a, residual):
+        """a [B, nh, T, hd] (attention output) -> the new hidden state (before the final `norm`)."""
         B, _, T, _ = a.shape
-        h = residual + self.self_attn.o_proj(a.transpose(1, 2).reshape(B, T, -1))
-        return h + self.mlp(self.post_attention_layernorm(h))
+        o = self.self_attn.o_proj(a.transpose(1, 2).reshape(B, T, -1))
+        norm = self.post_attention_layernorm
+        h, y = add_rms_norm(residual, o, norm.weight, norm.eps)
+        return h + self.mlp(y)
+
+    def forward(self, emb, h, positions, rotary, attend, recompute: bool = False):
+        """emb, h [B, T, H]; attend(q, k, v) -> [B, nh, T, hd]. `recompute`: keep only each half's
+        inputs for backward and recompute the rest then (memory for time)."""
+        if recompute:
+            q, k, v, residual = checkpoint(
+                self.pre, emb, h, positions, rotary, use_reentrant=False
+            )
+            return checkpoint(self.post, attend(q, k, v), residual, use_reentrant=False)
+        q, k, v, residual = self.pre(emb, h, positions, rotary)
+        return self.post(attend(q, k, v), residual)
 
 
 class Eagle3Draft(nn.Module):
@@ -176,11 +187,11 @@ class Eagle3Draft(nn.Module):
             )
         return F.embedding(token_ids, self.embed_tokens).to(self.fc.weight.dtype)
 
-    def step(self, token_ids, h, positions, attend):
+    def step(self, token_ids, h, positions, attend, recompute: bool = False):
         """One draft step: token_ids, positions [B, T]; h [B, T, H] (fc output, or the previous
         step's hidden state). Returns the new hidden state [B, T, H] before `norm`."""
-        cos, sin = self.rotary(positions, h.dtype)
-        return self.midlayer(self.embed(token_ids), h, cos, sin, attend)
+        emb = self.embed(token_ids)
+        return self.midlayer(emb, h, positions, self.rotary, attend, recompute)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(h))

@@ -33,6 +33,8 @@ class TrainConfig:
     save_every: int = 200
     keep_checkpoints: int = 2
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # Recompute each TTT step's layer in backward: stores a step's inputs, not its activations.
+    recompute: bool = False
     init_from_target: bool = False  # start lm_head and norm from the target's own weights
     aux_layer_ids: str = ""  # comma-separated 0-based layer outputs; empty = EAGLE-3 default
     tensorboard: bool = True

@@ -167,7 +167,7 @@ def train(cfg: TrainConfig, resume: bool | str = False) -> dict:
             for _ in range(cfg.grad_accum):
                 batch = batches.next()
                 with autocast:
-                    res = ttt_unroll(draft, batch, cfg.ttt_steps)
+                    res = ttt_unroll(draft, batch, cfg.ttt_steps, recompute=cfg.recompute)
                 (res.loss / cfg.grad_accum).backward()
                 c = ttt_counts(res.correct, res.valid)
                 counts = c if counts is None else counts + c
