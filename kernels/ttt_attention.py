@@ -32,6 +32,8 @@ change (the dense reference has no such limit, so neither may we). The caller mu
 keys[0:S] / values[0:S] before the backward has run.
 """
 
+import functools
+
 import torch
 
 from ._dispatch import interpreting, log_once, triton_available
@@ -109,103 +111,108 @@ def _check(q, keys, values, doc_ids):
 if triton is not None:
 
     @triton.jit
-    def _ttt_fwd_kernel(
-        Q,
-        K,
-        V,
-        Out,
-        Lse,
-        Start,
-        sq_b,
-        sq_h,
-        sq_l,
-        sq_d,
-        sk_s,
-        sk_b,
-        sk_h,
-        sk_l,
-        sk_d,
-        sv_s,
-        sv_b,
-        sv_h,
-        sv_l,
-        sv_d,
-        so_b,
-        so_h,
-        so_l,
-        so_d,
-        S,
-        Hq,
-        L,
-        D,
-        GROUP,
-        scale_log2,
-        HAS_DOCS: tl.constexpr,
-        UPCAST: tl.constexpr,
-        DOT_PREC: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-    ):
-        pid_m = tl.program_id(0)
+    def _program_block(H, L, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+        """This program's block of rows of one head: (block index along grid axis 0, batch, head
+        among H (both int64, for offsets), the block's row indices and their mask (< L), the
+        head-dim offsets and their mask (< D))."""
+        pid = tl.program_id(0)
         pid_bh = tl.program_id(1)
-        b = (pid_bh // Hq).to(tl.int64)
-        h = (pid_bh % Hq).to(tl.int64)
-        hk = h // GROUP
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        idx = pid * BLOCK + tl.arange(0, BLOCK)
         offs_d = tl.arange(0, BLOCK_D)
-        row_ok = rows < L
-        d_ok = offs_d < D
+        return pid, b, h, idx, idx < L, offs_d, offs_d < D
 
-        q = tl.load(
-            Q + b * sq_b + h * sq_h + rows[:, None] * sq_l + offs_d[None, :] * sq_d,
-            mask=row_ok[:, None] & d_ok[None, :],
+    @triton.jit
+    def _load_tile(base, idx, s_l, offs_d, s_d, L, D, UPCAST: tl.constexpr):
+        """Rows idx, columns offs_d of the [L, D] matrix at base with strides (s_l, s_d), zero
+        outside it; in fp32 if UPCAST."""
+        x = tl.load(
+            base + idx[:, None] * s_l + offs_d[None, :] * s_d,
+            mask=(idx < L)[:, None] & (offs_d < D)[None, :],
             other=0.0,
         )
         if UPCAST:  # the interpreter gets low-precision arithmetic wrong
-            q = q.to(tl.float32)
+            x = x.to(tl.float32)
+        return x
+
+    @triton.jit
+    def _doc_starts(Start, b, L, rows, HAS_DOCS: tl.constexpr):
+        """The first index of each query row's document (0 without documents)."""
+        if HAS_DOCS:
+            row_start = tl.load(Start + b * L + rows, mask=rows < L, other=0)
+        else:
+            row_start = tl.zeros(rows.shape, dtype=tl.int32)
+        return row_start
+
+    @triton.jit
+    def _visible_keys(
+        Start,
+        b,
+        L,
+        pid_m,
+        rows,
+        HAS_DOCS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        """For query block pid_m: each row's document start, and the step-0 keys [lo, hi) the block
+        can see, lo rounded down to a key tile (starts are non-decreasing, so the first row's is
+        the least)."""
+        row_start = _doc_starts(Start, b, L, rows, HAS_DOCS)
+        if HAS_DOCS:
+            lo = (tl.load(Start + b * L + pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N
+        else:
+            lo = 0
+        return row_start, lo, tl.minimum((pid_m + 1) * BLOCK_M, L)
+
+    @triton.jit
+    def _causal_scores(
+        q, k, rows, cols, row_start, L, scale_log2, DOT_PREC: tl.constexpr, KEYS_FIRST: tl.constexpr
+    ):
+        """Step-0 scores of query rows against key cols, q·kᵀ·scale_log2 (base 2), and where they
+        count: the key at or before the query, in its document (row_start on), and the index along
+        dim 1 (the one reduced over) below L. The tile is [rows, cols], or [cols, rows] if
+        KEYS_FIRST."""
+        if KEYS_FIRST:
+            s = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
+            r, c, r0, ok = rows[None, :], cols[:, None], row_start[None, :], rows[None, :] < L
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            r, c, r0, ok = rows[:, None], cols[None, :], row_start[:, None], cols[None, :] < L
+        return s * scale_log2, (c <= r) & (c >= r0) & ok
+
+    # The kernel signatures keep one tensor's strides to a line (`fmt: skip`): the formatter would
+    # put each of their ~40 parameters on a line of its own.
+    @triton.jit
+    def _ttt_fwd_kernel(
+        Q, K, V, Out, Lse, Start,
+        sq_b, sq_h, sq_l, sq_d,
+        sk_s, sk_b, sk_h, sk_l, sk_d,
+        sv_s, sv_b, sv_h, sv_l, sv_d,
+        so_b, so_h, so_l, so_d,
+        S, Hq, L, D, GROUP, scale_log2,
+        HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        pid_m, b, h, rows, row_ok, offs_d, d_ok = _program_block(Hq, L, D, BLOCK_M, BLOCK_D)
+        q = _load_tile(Q + b * sq_b + h * sq_h, rows, sq_l, offs_d, sq_d, L, D, UPCAST)
+        hk = h // GROUP
         k_base = K + b * sk_b + hk * sk_h
         v_base = V + b * sv_b + hk * sv_h
+        row_start, lo, hi = _visible_keys(Start, b, L, pid_m, rows, HAS_DOCS, BLOCK_M, BLOCK_N)
 
-        if HAS_DOCS:
-            row_start = tl.load(Start + b * L + rows, mask=row_ok, other=0)
-            lo = (
-                tl.load(Start + b * L + pid_m * BLOCK_M) // BLOCK_N
-            ) * BLOCK_N  # starts are non-decreasing
-        else:
-            row_start = tl.zeros([BLOCK_M], dtype=tl.int32)
-            lo = 0
-        hi = tl.minimum((pid_m + 1) * BLOCK_M, L)
-
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         # A finite floor for the running max keeps fully masked tiles from producing inf - inf.
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
         # Step 0: causal tiles within the document range only.
         for n0 in range(lo, hi, BLOCK_N):
-            cols = n0 + offs_n
-            col_ok = cols < L
-            k = tl.load(
-                k_base + cols[:, None] * sk_l + offs_d[None, :] * sk_d,
-                mask=col_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            v = tl.load(
-                v_base + cols[:, None] * sv_l + offs_d[None, :] * sv_d,
-                mask=col_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
-            valid = (
-                (cols[None, :] <= rows[:, None])
-                & (cols[None, :] >= row_start[:, None])
-                & col_ok[None, :]
-            )
+            cols = n0 + tl.arange(0, BLOCK_N)
+            k = _load_tile(k_base, cols, sk_l, offs_d, sk_d, L, D, UPCAST)
+            v = _load_tile(v_base, cols, sv_l, offs_d, sv_d, L, D, UPCAST)
+            s, valid = _causal_scores(q, k, rows, cols, row_start, L, scale_log2, DOT_PREC, False)
             s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.math.exp2(m_i - m_new)
@@ -217,16 +224,8 @@ if triton is not None:
         # Steps 1..S-1: one key per row, a row-local dot product each.
         qf = q.to(tl.float32)
         for s_idx in range(1, S):
-            ks = tl.load(
-                k_base + s_idx * sk_s + rows[:, None] * sk_l + offs_d[None, :] * sk_d,
-                mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            vs = tl.load(
-                v_base + s_idx * sv_s + rows[:, None] * sv_l + offs_d[None, :] * sv_d,
-                mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            ).to(tl.float32)
+            ks = _load_tile(k_base + s_idx * sk_s, rows, sk_l, offs_d, sk_d, L, D, True)
+            vs = _load_tile(v_base + s_idx * sv_s, rows, sv_l, offs_d, sv_d, L, D, True)
             sd = tl.sum(qf * ks, 1) * scale_log2
             m_new = tl.maximum(m_i, sd)
             alpha = tl.math.exp2(m_i - m_new)
@@ -245,108 +244,32 @@ if triton is not None:
 
     @triton.jit
     def _ttt_bwd_dq_kernel(
-        Q,
-        K,
-        V,
-        DO,
-        DQ,
-        Lse,
-        Delta,
-        Start,
-        sq_b,
-        sq_h,
-        sq_l,
-        sq_d,
-        sk_s,
-        sk_b,
-        sk_h,
-        sk_l,
-        sk_d,
-        sv_s,
-        sv_b,
-        sv_h,
-        sv_l,
-        sv_d,
-        sdo_b,
-        sdo_h,
-        sdo_l,
-        sdo_d,
-        S,
-        Hq,
-        L,
-        D,
-        GROUP,
-        scale,
-        scale_log2,
-        HAS_DOCS: tl.constexpr,
-        UPCAST: tl.constexpr,
-        DOT_PREC: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-    ):
+        Q, K, V, DO, DQ, Lse, Delta, Start,
+        sq_b, sq_h, sq_l, sq_d,
+        sk_s, sk_b, sk_h, sk_l, sk_d,
+        sv_s, sv_b, sv_h, sv_l, sv_d,
+        sdo_b, sdo_h, sdo_l, sdo_d,
+        S, Hq, L, D, GROUP, scale, scale_log2,
+        HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
         """dq for one query block of one head; DQ is contiguous [B, Hq, L, D]."""
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = (pid_bh // Hq).to(tl.int64)
-        h = (pid_bh % Hq).to(tl.int64)
-        hk = h // GROUP
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        row_ok = rows < L
-        d_ok = offs_d < D
-        rd_mask = row_ok[:, None] & d_ok[None, :]
-
-        q = tl.load(
-            Q + b * sq_b + h * sq_h + rows[:, None] * sq_l + offs_d[None, :] * sq_d,
-            mask=rd_mask,
-            other=0.0,
-        )
-        do = tl.load(
-            DO + b * sdo_b + h * sdo_h + rows[:, None] * sdo_l + offs_d[None, :] * sdo_d,
-            mask=rd_mask,
-            other=0.0,
-        )
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+        pid_m, b, h, rows, row_ok, offs_d, d_ok = _program_block(Hq, L, D, BLOCK_M, BLOCK_D)
+        q = _load_tile(Q + b * sq_b + h * sq_h, rows, sq_l, offs_d, sq_d, L, D, UPCAST)
+        do = _load_tile(DO + b * sdo_b + h * sdo_h, rows, sdo_l, offs_d, sdo_d, L, D, UPCAST)
         lse = tl.load(Lse + (b * Hq + h) * L + rows, mask=row_ok, other=0.0)
         delta = tl.load(Delta + (b * Hq + h) * L + rows, mask=row_ok, other=0.0)
+        hk = h // GROUP
         k_base = K + b * sk_b + hk * sk_h
         v_base = V + b * sv_b + hk * sv_h
-
-        if HAS_DOCS:
-            row_start = tl.load(Start + b * L + rows, mask=row_ok, other=0)
-            lo = (tl.load(Start + b * L + pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N
-        else:
-            row_start = tl.zeros([BLOCK_M], dtype=tl.int32)
-            lo = 0
-        hi = tl.minimum((pid_m + 1) * BLOCK_M, L)
+        row_start, lo, hi = _visible_keys(Start, b, L, pid_m, rows, HAS_DOCS, BLOCK_M, BLOCK_N)
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for n0 in range(lo, hi, BLOCK_N):
-            cols = n0 + offs_n
-            col_ok = cols < L
-            k = tl.load(
-                k_base + cols[:, None] * sk_l + offs_d[None, :] * sk_d,
-                mask=col_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            v = tl.load(
-                v_base + cols[:, None] * sv_l + offs_d[None, :] * sv_d,
-                mask=col_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
-            valid = (
-                (cols[None, :] <= rows[:, None])
-                & (cols[None, :] >= row_start[:, None])
-                & col_ok[None, :]
-            )
+            cols = n0 + tl.arange(0, BLOCK_N)
+            k = _load_tile(k_base, cols, sk_l, offs_d, sk_d, L, D, UPCAST)
+            v = _load_tile(v_base, cols, sv_l, offs_d, sv_d, L, D, UPCAST)
+            s, valid = _causal_scores(q, k, rows, cols, row_start, L, scale_log2, DOT_PREC, False)
             p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             ds = p * (dp - delta[:, None])
@@ -355,16 +278,8 @@ if triton is not None:
         qf = q.to(tl.float32)
         dof = do.to(tl.float32)
         for s_idx in range(1, S):
-            ks = tl.load(
-                k_base + s_idx * sk_s + rows[:, None] * sk_l + offs_d[None, :] * sk_d,
-                mask=rd_mask,
-                other=0.0,
-            ).to(tl.float32)
-            vs = tl.load(
-                v_base + s_idx * sv_s + rows[:, None] * sv_l + offs_d[None, :] * sv_d,
-                mask=rd_mask,
-                other=0.0,
-            ).to(tl.float32)
+            ks = _load_tile(k_base + s_idx * sk_s, rows, sk_l, offs_d, sk_d, L, D, True)
+            vs = _load_tile(v_base + s_idx * sv_s, rows, sv_l, offs_d, sv_d, L, D, True)
             p = tl.math.exp2(tl.sum(qf * ks, 1) * scale_log2 - lse)
             ds = p * (tl.sum(dof * vs, 1) - delta)
             dq += ds[:, None] * ks
@@ -372,75 +287,30 @@ if triton is not None:
         tl.store(
             DQ + ((b * Hq + h) * L + rows[:, None]) * D + offs_d[None, :],
             (dq * scale).to(DQ.dtype.element_ty),
-            mask=rd_mask,
+            mask=row_ok[:, None] & d_ok[None, :],
         )
 
     @triton.jit
     def _ttt_bwd_dkdv_kernel(
-        Q,
-        K,
-        V,
-        DO,
-        DK,
-        DV,
-        Lse,
-        Delta,
-        Start,
-        End,
-        sq_b,
-        sq_h,
-        sq_l,
-        sq_d,
-        sk_s,
-        sk_b,
-        sk_h,
-        sk_l,
-        sk_d,
-        sv_s,
-        sv_b,
-        sv_h,
-        sv_l,
-        sv_d,
-        sdo_b,
-        sdo_h,
-        sdo_l,
-        sdo_d,
-        S,
-        B,
-        Hkv,
-        L,
-        D,
-        GROUP,
-        scale,
-        scale_log2,
-        HAS_DOCS: tl.constexpr,
-        UPCAST: tl.constexpr,
-        DOT_PREC: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-    ):
+        Q, K, V, DO, DK, DV, Lse, Delta, Start, End,
+        sq_b, sq_h, sq_l, sq_d,
+        sk_s, sk_b, sk_h, sk_l, sk_d,
+        sv_s, sv_b, sv_h, sv_l, sv_d,
+        sdo_b, sdo_h, sdo_l, sdo_d,
+        S, B, Hkv, L, D, GROUP, scale, scale_log2,
+        HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
         """dk, dv of all S steps for one key block of one KV head, summed over its GQA group of
         query heads inside the program (no atomics). DK, DV are contiguous [S, B, Hkv, L, D]."""
-        pid_n = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = (pid_bh // Hkv).to(tl.int64)
-        hk = (pid_bh % Hkv).to(tl.int64)
+        pid_n, b, hk, cols, col_ok, offs_d, d_ok = _program_block(Hkv, L, D, BLOCK_N, BLOCK_D)
         Hq = Hkv * GROUP
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        col_ok = cols < L
-        d_ok = offs_d < D
         cd_mask = col_ok[:, None] & d_ok[None, :]
         k_base = K + b * sk_b + hk * sk_h
         v_base = V + b * sv_b + hk * sv_h
-
-        k = tl.load(k_base + cols[:, None] * sk_l + offs_d[None, :] * sk_d, mask=cd_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * sv_l + offs_d[None, :] * sv_d, mask=cd_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = _load_tile(k_base, cols, sk_l, offs_d, sk_d, L, D, UPCAST)
+        v = _load_tile(v_base, cols, sv_l, offs_d, sv_d, L, D, UPCAST)
 
         # Queries that can see this key block: from its first key's row to the end of the document
         # of its last key (query tiles need not align with key tiles: loads are masked per row).
@@ -457,32 +327,16 @@ if triton is not None:
             for m0 in range(lo, hi, BLOCK_M):
                 rows = m0 + offs_m
                 row_ok = rows < L
-                rd_mask = row_ok[:, None] & d_ok[None, :]
-                q = tl.load(
-                    Q + b * sq_b + h * sq_h + rows[:, None] * sq_l + offs_d[None, :] * sq_d,
-                    mask=rd_mask,
-                    other=0.0,
+                q = _load_tile(Q + b * sq_b + h * sq_h, rows, sq_l, offs_d, sq_d, L, D, UPCAST)
+                do = _load_tile(
+                    DO + b * sdo_b + h * sdo_h, rows, sdo_l, offs_d, sdo_d, L, D, UPCAST
                 )
-                do = tl.load(
-                    DO + b * sdo_b + h * sdo_h + rows[:, None] * sdo_l + offs_d[None, :] * sdo_d,
-                    mask=rd_mask,
-                    other=0.0,
-                )
-                if UPCAST:
-                    q = q.to(tl.float32)
-                    do = do.to(tl.float32)
                 lse = tl.load(Lse + (b * Hq + h) * L + rows, mask=row_ok, other=0.0)
                 delta = tl.load(Delta + (b * Hq + h) * L + rows, mask=row_ok, other=0.0)
-                if HAS_DOCS:
-                    row_start = tl.load(Start + b * L + rows, mask=row_ok, other=0)
-                else:
-                    row_start = tl.zeros([BLOCK_M], dtype=tl.int32)
+                row_start = _doc_starts(Start, b, L, rows, HAS_DOCS)
                 # transposed tile: keys along dim 0, queries along dim 1
-                sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2
-                valid = (
-                    (rows[None, :] >= cols[:, None])
-                    & (cols[:, None] >= row_start[None, :])
-                    & row_ok[None, :]
+                sT, valid = _causal_scores(
+                    q, k, rows, cols, row_start, L, scale_log2, DOT_PREC, True
                 )
                 pT = tl.where(valid, tl.math.exp2(sT - lse[None, :]), 0.0)
                 dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
@@ -497,30 +351,14 @@ if triton is not None:
         # Steps 1..S-1: key i of step s is seen by query i only, so these rows are the query rows.
         step = B * Hkv * L * D
         for s_idx in range(1, S):
-            ks = tl.load(
-                k_base + s_idx * sk_s + cols[:, None] * sk_l + offs_d[None, :] * sk_d,
-                mask=cd_mask,
-                other=0.0,
-            ).to(tl.float32)
-            vs = tl.load(
-                v_base + s_idx * sv_s + cols[:, None] * sv_l + offs_d[None, :] * sv_d,
-                mask=cd_mask,
-                other=0.0,
-            ).to(tl.float32)
+            ks = _load_tile(k_base + s_idx * sk_s, cols, sk_l, offs_d, sk_d, L, D, True)
+            vs = _load_tile(v_base + s_idx * sv_s, cols, sv_l, offs_d, sv_d, L, D, True)
             dks = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             dvs = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             for g in range(GROUP):
                 h = hk * GROUP + g
-                q = tl.load(
-                    Q + b * sq_b + h * sq_h + cols[:, None] * sq_l + offs_d[None, :] * sq_d,
-                    mask=cd_mask,
-                    other=0.0,
-                ).to(tl.float32)
-                do = tl.load(
-                    DO + b * sdo_b + h * sdo_h + cols[:, None] * sdo_l + offs_d[None, :] * sdo_d,
-                    mask=cd_mask,
-                    other=0.0,
-                ).to(tl.float32)
+                q = _load_tile(Q + b * sq_b + h * sq_h, cols, sq_l, offs_d, sq_d, L, D, True)
+                do = _load_tile(DO + b * sdo_b + h * sdo_h, cols, sdo_l, offs_d, sdo_d, L, D, True)
                 lse = tl.load(Lse + (b * Hq + h) * L + cols, mask=col_ok, other=0.0)
                 delta = tl.load(Delta + (b * Hq + h) * L + cols, mask=col_ok, other=0.0)
                 p = tl.math.exp2(tl.sum(q * ks, 1) * scale_log2 - lse)
@@ -562,11 +400,19 @@ def _tiles(kind, dtype, D, interpret):
     return table[64 if D <= 64 else 128][kind]
 
 
-def _launch(kernel, kind, grid_of, args, consts, dtype, D, interpret):
-    """Launch with the tile table; on OutOfResources (a GPU with less shared memory than an H100)
-    retry with small tiles, and keep them for the rest of the process."""
+def _launch(kernel, kind, grid_of, args, *, has_docs, dtype, D):
+    """Launch with this call's compile-time options and the tile table; on OutOfResources (a GPU
+    with less shared memory than an H100) retry with small tiles, and keep them for the rest of the
+    process."""
     global _use_small
+    interpret = interpreting()
     bm, bn, warps, stages = _tiles(kind, dtype, D, interpret)
+    consts = dict(
+        HAS_DOCS=has_docs,
+        UPCAST=interpret,
+        DOT_PREC=_dot_precision(dtype),
+        BLOCK_D=max(16, triton.next_power_of_2(D)),
+    )
     try:
         kernel[grid_of(bm, bn)](
             *args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages
@@ -579,7 +425,7 @@ def _launch(kernel, kind, grid_of, args, consts, dtype, D, interpret):
             "ttt_attention.small_tiles",
             "ttt_attention: GPU lacks shared memory for the default tiles; using small ones",
         )
-        _launch(kernel, kind, grid_of, args, consts, dtype, D, interpret)
+        _launch(kernel, kind, grid_of, args, has_docs=has_docs, dtype=dtype, D=D)
 
 
 def _dot_precision(dtype):
@@ -595,7 +441,6 @@ class _TTTAttentionTriton(torch.autograd.Function):
     def forward(ctx, q, keys, values, doc_ids, scale):
         S, B, Hkv, L, D = keys.shape
         Hq = q.shape[1]
-        interpret = interpreting()
         has_docs = doc_ids is not None
         if has_docs:
             start, end, _ = _doc_runs(doc_ids)
@@ -603,40 +448,10 @@ class _TTTAttentionTriton(torch.autograd.Function):
             start = end = torch.zeros(1, dtype=torch.int32, device=q.device)  # unused
         out = torch.empty(B, Hq, L, D, dtype=q.dtype, device=q.device)
         lse = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
-        consts = dict(
-            HAS_DOCS=has_docs,
-            UPCAST=interpret,
-            DOT_PREC=_dot_precision(q.dtype),
-            BLOCK_D=max(16, triton.next_power_of_2(D)),
-        )
-        args = (
-            q,
-            keys,
-            values,
-            out,
-            lse,
-            start,
-            *q.stride(),
-            *keys.stride(),
-            *values.stride(),
-            *out.stride(),
-            S,
-            Hq,
-            L,
-            D,
-            Hq // Hkv,
-            scale * _LOG2E,
-        )
-        _launch(
-            _ttt_fwd_kernel,
-            "fwd",
-            lambda bm, bn: (triton.cdiv(L, bm), B * Hq),
-            args,
-            consts,
-            q.dtype,
-            D,
-            interpret,
-        )
+        strides = (*q.stride(), *keys.stride(), *values.stride(), *out.stride())
+        args = (q, keys, values, out, lse, start, *strides, S, Hq, L, D, Hq // Hkv, scale * _LOG2E)
+        launch = functools.partial(_launch, has_docs=has_docs, dtype=q.dtype, D=D)
+        launch(_ttt_fwd_kernel, "fwd", lambda bm, bn: (triton.cdiv(L, bm), B * Hq), args)
 
         ctx.save_for_backward(q, out, lse, start, end)
         ctx.keys, ctx.values = keys, values  # by reference: see the module docstring
@@ -649,76 +464,18 @@ class _TTTAttentionTriton(torch.autograd.Function):
         keys, values = ctx.keys, ctx.values
         S, B, Hkv, L, D = keys.shape
         Hq = q.shape[1]
-        interpret = interpreting()
         scale = ctx.scale
         delta = (dout.float() * out.float()).sum(-1).contiguous()  # rowsum(dO·O), [B, Hq, L]
         dq = torch.empty(B, Hq, L, D, dtype=q.dtype, device=q.device)
         dk = torch.empty(S, B, Hkv, L, D, dtype=keys.dtype, device=q.device)
         dv = torch.empty(S, B, Hkv, L, D, dtype=values.dtype, device=q.device)
-        consts = dict(
-            HAS_DOCS=ctx.has_docs,
-            UPCAST=interpret,
-            DOT_PREC=_dot_precision(q.dtype),
-            BLOCK_D=max(16, triton.next_power_of_2(D)),
-        )
+        launch = functools.partial(_launch, has_docs=ctx.has_docs, dtype=q.dtype, D=D)
         strides = (*q.stride(), *keys.stride(), *values.stride(), *dout.stride())
-        _launch(
-            _ttt_bwd_dq_kernel,
-            "dq",
-            lambda bm, bn: (triton.cdiv(L, bm), B * Hq),
-            (
-                q,
-                keys,
-                values,
-                dout,
-                dq,
-                lse,
-                delta,
-                start,
-                *strides,
-                S,
-                Hq,
-                L,
-                D,
-                Hq // Hkv,
-                scale,
-                scale * _LOG2E,
-            ),
-            consts,
-            q.dtype,
-            D,
-            interpret,
-        )
-        _launch(
-            _ttt_bwd_dkdv_kernel,
-            "dkdv",
-            lambda bm, bn: (triton.cdiv(L, bn), B * Hkv),
-            (
-                q,
-                keys,
-                values,
-                dout,
-                dk,
-                dv,
-                lse,
-                delta,
-                start,
-                end,
-                *strides,
-                S,
-                B,
-                Hkv,
-                L,
-                D,
-                Hq // Hkv,
-                scale,
-                scale * _LOG2E,
-            ),
-            consts,
-            q.dtype,
-            D,
-            interpret,
-        )
+        tail = (L, D, Hq // Hkv, scale, scale * _LOG2E)
+        args = (q, keys, values, dout, dq, lse, delta, start, *strides, S, Hq, *tail)
+        launch(_ttt_bwd_dq_kernel, "dq", lambda bm, bn: (triton.cdiv(L, bm), B * Hq), args)
+        args = (q, keys, values, dout, dk, dv, lse, delta, start, end, *strides, S, B, Hkv, *tail)
+        launch(_ttt_bwd_dkdv_kernel, "dkdv", lambda bm, bn: (triton.cdiv(L, bn), B * Hkv), args)
         return dq, dk, dv, None, None
 
 
