@@ -34,7 +34,7 @@ right at that position), and the simulated acceptance length τ = 1 + Σ_k Π_{j
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -42,6 +42,9 @@ from specfast.kernels import pruned_vocab_loss, ttt_attention
 from specfast.model.draft import Eagle3Draft
 
 STEP_WEIGHT_DECAY = 0.8
+# Up to this size the teacher's logits are formed once per batch (for the rows any step reads);
+# beyond it, per step from the final hidden state, so memory stays flat in T.
+TEACHER_LOGITS_BYTES = 256 << 20
 
 
 @dataclass
@@ -75,6 +78,15 @@ class PackedBatch:
         if self.teacher_logits is not None:
             return self.teacher_logits[rows].float()
         return self.teacher_hidden[rows].float() @ self.teacher_weight.float().t()
+
+    def with_teacher_logits_for(self, rows: torch.Tensor) -> "PackedBatch":
+        """A copy whose teacher is logits, computed once for `rows` (bool [T]) and zero elsewhere:
+        every TTT step reads shifted rows of the same target positions, so one matmul over their
+        union replaces one per step."""
+        V = self.teacher_weight.shape[0]
+        logits = self.teacher_hidden.new_zeros(self.num_tokens, V, dtype=torch.float32)
+        logits[rows] = self.teacher_rows(rows.nonzero()[:, 0])
+        return replace(self, teacher_logits=logits, teacher_hidden=None, teacher_weight=None)
 
 
 @dataclass
@@ -124,6 +136,12 @@ def ttt_unroll(
         raise ValueError(f"ttt steps must be ≥ 1, not {steps}")
     supervised = torch.stack([supervised_mask(batch, k) for k in range(steps)])
     needed = rows_needed(supervised)
+    if batch.teacher_logits is None:
+        teacher_rows = torch.zeros(T, dtype=torch.bool, device=supervised.device)
+        for k in range(steps):
+            teacher_rows[supervised[k].nonzero()[:, 0] + 1 + k] = True
+        if int(teacher_rows.sum()) * batch.teacher_weight.shape[0] * 4 <= TEACHER_LOGITS_BYTES:
+            batch = batch.with_teacher_logits_for(teacher_rows)
     attn = draft.midlayer.self_attn
     doc_ids = batch.doc_ids[None]
     h = draft.fc(batch.aux_hidden.to(draft.fc.weight.dtype))[None]  # [1, T, H]

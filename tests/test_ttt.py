@@ -169,9 +169,14 @@ def test_skipped_rows_change_nothing_when_few_rows_count(seed, mask_rate):
             torch.testing.assert_close(a, r, rtol=1e-3, atol=1e-5)
 
 
-def test_teacher_from_hidden_and_recompute_give_the_same_step(seed):
-    """The teacher as final hidden + lm_head rows equals the same teacher as logits; recomputing
-    each step's layer in backward gives the same loss and gradients."""
+@pytest.mark.parametrize("teacher_bytes", [0, 1 << 30])
+def test_teacher_from_hidden_and_recompute_give_the_same_step(seed, teacher_bytes, monkeypatch):
+    """The teacher as final hidden + lm_head rows (formed per step, or once for the batch) equals
+    the same teacher as logits; recomputing each step's layer in backward gives the same loss and
+    gradients."""
+    import specfast.ttt
+
+    monkeypatch.setattr(specfast.ttt, "TEACHER_LOGITS_BYTES", teacher_bytes)
     draft = tiny_draft()
     b = random_batch([9, 6])
     hidden, weight = torch.randn(b.num_tokens, 20), torch.randn(12, 20)
