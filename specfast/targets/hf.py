@@ -1,16 +1,54 @@
-"""Hugging Face transformers backend: any AutoModelForCausalLM in a local folder."""
+"""Hugging Face transformers backend: any AutoModelForCausalLM in a local folder.
+
+Packed rows. `HFTarget.forward_packed` runs one row of several documents back to back; every
+token attends causally within its own document only, and positions restart at 0 per document.
+Three ways to run that attention, chosen per call by `packed_attention_path` (the rule and the
+numbers behind it are in its docstring; each choice is logged once per target):
+
+- ``flash_varlen``: flash-attn's varlen kernel, through transformers' own ``flash_attention_2``
+  support for padding-free packed rows: no attention mask, ``position_ids`` restarting at 0 per
+  document, and the document boundaries handed over as ``cu_seq_lens_q/k`` (int32, on the device)
+  with ``max_length_q/k`` (ints), so that transformers need not infer them from the position ids
+  in every layer. Only where flash-attn is installed (an optional extra) and the target runs on
+  CUDA in fp16/bf16.
+- ``per_document``: `per_document_attention`, registered with transformers' AttentionInterface as
+  ``ATTENTION_PER_DOCUMENT``: one ``scaled_dot_product_attention(..., is_causal=True)`` call per
+  document on its slice of q, k, v (GQA through ``enable_gqa``), written back into one output.
+  The boundaries travel through the forward's kwargs (``document_bounds``). As the name is not a
+  registered mask type, transformers builds no mask for it: nothing of size T×T exists.
+- ``dense``: the additive [1, 1, T, T] mask of `packed_attention_mask` through transformers'
+  sdpa: O(T²) memory (268 MB of fp32 mask at T = 8192, more for the attention kernel), and on
+  CUDA it keeps SDPA off its flash path.
+
+The model stays loaded with ``sdpa`` (what the cached forward and generate use); the packed forward
+switches the model's implementation for its own call only and switches back (so one HFTarget is
+not for concurrent use from several threads, as a packed forward would change the attention of a
+decoding call running beside it).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from specfast.conventions import aux_layer_ids_default, check_aux_layer_ids
 from specfast.kernels import full_vocab_argmax
 
 from .base import PackedTargetOutput, TargetModel
+
+log = logging.getLogger("specfast")
+
+ATTENTION_PER_DOCUMENT = "specfast_per_document"
+PACKED_PATHS = ("flash_varlen", "per_document", "dense")
+
+# The automatic rule (see packed_attention_path): one SDPA call's fixed cost, in the (query, key)
+# pairs per layer that the dense mask's attention handles in the same time (CPU, measured).
+SDPA_CALL_COST_PAIRS = 400
 
 
 def packed_attention_mask(doc_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -28,6 +66,129 @@ def positions_in_documents(doc_ids: torch.Tensor) -> torch.Tensor:
     starts[1:] = doc_ids[1:] != doc_ids[:-1]
     start_index = torch.cummax(torch.where(starts, t, torch.zeros_like(t)), dim=0).values
     return t - start_index
+
+
+def document_bounds(doc_ids: torch.Tensor) -> list[int]:
+    """[0, end of document 0, end of document 1, ..., T]: where each contiguous run of equal doc
+    id starts, then T (the cumulative sequence lengths of flash-attn's varlen interface)."""
+    starts = (doc_ids[1:] != doc_ids[:-1]).nonzero().flatten() + 1
+    return [0, *starts.tolist(), doc_ids.numel()]
+
+
+def flash_varlen_kwargs(bounds: list[int], device: torch.device) -> dict:
+    """The forward kwargs of transformers' padding-free flash_attention_2 path (its
+    FlashAttentionKwargs): what it would otherwise infer from the position ids in every layer."""
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    return dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+
+
+class MissingDocumentBounds(RuntimeError):
+    """The model's forward did not hand `document_bounds` down to its attention layers."""
+
+
+def per_document_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    document_bounds: list[int] | tuple[int, ...] | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """A transformers attention function (AttentionInterface): causal attention within each
+    document of a packed row, one SDPA call per document. query [1, Hq, T, D], key and value
+    [1, Hkv, T, D] (Hq a multiple of Hkv); returns ([1, T, Hq, D], None) as transformers expects.
+    `document_bounds` (from `document_bounds`) comes through the model's forward kwargs; a model
+    whose code drops them raises MissingDocumentBounds (forward_packed then falls back to the
+    dense mask). A sliding window, where the model has one, applies within each document (a
+    banded mask for documents longer than it)."""
+    if document_bounds is None:
+        raise MissingDocumentBounds(
+            f"{type(module).__name__} did not receive document_bounds from the model's forward"
+        )
+    if softcap is not None:
+        raise ValueError("per-document attention (like sdpa) does not support attention softcap")
+    if kwargs.get("is_causal", getattr(module, "is_causal", True)) is False:
+        raise ValueError("per-document attention is causal; this layer is not")
+    batch, heads, length, _ = query.shape
+    if batch != 1 or document_bounds[-1] != length:
+        raise ValueError(
+            f"per-document attention takes one packed row of {document_bounds[-1]} tokens, "
+            f"got query {tuple(query.shape)}"
+        )
+    gqa = heads != key.shape[1]
+    out = query.new_empty(1, length, heads, value.shape[-1])
+    for start, end in zip(document_bounds[:-1], document_bounds[1:]):
+        q, k, v = (x[:, :, start:end] for x in (query, key, value))
+        n = end - start
+        if sliding_window is not None and n > sliding_window:  # keys q - k < window back
+            i = torch.arange(n, device=query.device)
+            band = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < sliding_window)
+            if gqa:
+                k, v = (x.repeat_interleave(heads // x.shape[1], dim=1) for x in (k, v))
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=band, scale=scaling)
+        else:
+            o = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa
+            )
+        out[:, start:end] = o.transpose(1, 2)
+    return out, None
+
+
+def _register_per_document_attention() -> bool:
+    try:
+        from transformers import AttentionInterface
+    except ImportError:  # transformers < 4.48
+        return False
+    AttentionInterface.register(ATTENTION_PER_DOCUMENT, per_document_attention)
+    return True
+
+
+PER_DOCUMENT_AVAILABLE = _register_per_document_attention()
+
+
+def flash_attn_available() -> bool:
+    try:
+        from transformers.utils import is_flash_attn_2_available
+    except ImportError:
+        return False
+    return bool(is_flash_attn_2_available())
+
+
+def packed_attention_path(
+    num_tokens: int,
+    num_docs: int,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    flash_available: bool,
+    per_document_available: bool = True,
+) -> tuple[str, str]:
+    """(path, reason): how `HFTarget.forward_packed` runs a packed row of `num_tokens` tokens in
+    `num_docs` documents. The rule:
+
+    1. ``flash_varlen`` where flash-attn is installed, on CUDA, in fp16/bf16;
+    2. else ``dense`` where documents * SDPA_CALL_COST_PAIRS > T², i.e. where the per-document
+       loop's fixed cost per SDPA call (documents calls a layer) exceeds the dense attention's
+       (T² pairs a layer): only short rows of tiny documents (T < 400, mean document length
+       under 400 / T tokens; 3 at T = 128). ShareGPT rows never qualify;
+    3. else ``per_document``.
+
+    Measured on CPU (bench/results/target_forward-cpu-2core.md; SmolLM2-135M, fp32, one thread):
+    see the table there (module bench/target_forward.py).
+    On CUDA the rule is the same but unmeasured (no GPU here)."""
+    if flash_available and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        return "flash_varlen", "flash-attn installed, CUDA, half precision"
+    if not per_document_available:
+        return "dense", "this transformers has no AttentionInterface"
+    if num_docs * SDPA_CALL_COST_PAIRS > num_tokens**2:
+        return "dense", f"documents * {SDPA_CALL_COST_PAIRS} > T²: many tiny documents"
+    return "per_document", "no T×T mask: one causal SDPA call per document"
 
 
 def cut_after_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
@@ -64,7 +225,10 @@ class HFTarget(TargetModel):
         dtype: torch.dtype | None = None,
         aux_layer_ids: list[int] | None = None,
         name: str | None = None,
+        packed_attention: str = "auto",
     ):
+        """`packed_attention`: "auto" (`packed_attention_path` chooses per row), or one of
+        PACKED_PATHS for every row (tests and benchmarks)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = Path(path)
@@ -76,7 +240,7 @@ class HFTarget(TargetModel):
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        # sdpa takes our 4D packed-document mask exactly (tests check it against separate runs).
+        # sdpa for decoding and generation; packed rows switch for their call (module docstring).
         self.model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, attn_implementation="sdpa"
         ).to(device)
@@ -95,6 +259,73 @@ class HFTarget(TargetModel):
             else aux_layer_ids_default(self.num_layers)
         )
         check_aux_layer_ids(self.aux_layer_ids, self.num_layers, self.name)
+        if packed_attention not in ("auto", *PACKED_PATHS):
+            raise ValueError(
+                f"packed_attention={packed_attention!r}: not one of auto, {', '.join(PACKED_PATHS)}"
+            )
+        self.packed_attention = packed_attention
+        self._per_document_ok = PER_DOCUMENT_AVAILABLE and self._can_use_attention(
+            ATTENTION_PER_DOCUMENT
+        )
+        self._flash_ok = flash_attn_available() and self._can_use_attention("flash_attention_2")
+        for path, ok in (("per_document", self._per_document_ok), ("flash_varlen", self._flash_ok)):
+            if packed_attention == path and not ok:
+                raise ValueError(f"{self.name}: packed_attention={path!r} is not available here")
+        self._logged_paths: set[str] = set()
+
+    def _set_attention(self, name: str) -> None:
+        if hasattr(self.model, "set_attn_implementation"):
+            self.model.set_attn_implementation(name)
+        else:  # transformers before set_attn_implementation: the config is read at every call
+            self.model.config._attn_implementation = name
+
+    def _can_use_attention(self, name: str) -> bool:
+        """Whether the model takes attention implementation `name` (set, then put back)."""
+        try:
+            self._set_attention(name)
+            return self.model.config._attn_implementation == name
+        except (ValueError, ImportError, KeyError) as e:
+            log.debug("%s: attention %s unavailable: %s", self.name, name, e)
+            return False
+        finally:
+            self._set_attention("sdpa")
+
+    @contextlib.contextmanager
+    def _attention(self, name: str):
+        if name == "sdpa":
+            yield
+            return
+        self._set_attention(name)
+        try:
+            yield
+        finally:
+            self._set_attention("sdpa")
+
+    def packed_path(self, num_tokens: int, num_docs: int) -> str:
+        """The path forward_packed takes for such a row (module docstring), logged once."""
+        if self.packed_attention != "auto":
+            path, why = self.packed_attention, "packed_attention setting"
+        else:
+            path, why = packed_attention_path(
+                num_tokens,
+                num_docs,
+                device=self.device,
+                dtype=self.model.dtype,
+                flash_available=self._flash_ok,
+                per_document_available=self._per_document_ok,
+            )
+        if path not in self._logged_paths:
+            self._logged_paths.add(path)
+            log.info(
+                "%s: packed target forward uses %s attention (%s; first row: %d tokens in %d "
+                "documents)",
+                self.name,
+                path,
+                why,
+                num_tokens,
+                num_docs,
+            )
+        return path
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.get_output_embeddings().weight
@@ -125,13 +356,35 @@ class HFTarget(TargetModel):
     def forward_packed(self, input_ids: torch.Tensor, doc_ids: torch.Tensor) -> PackedTargetOutput:
         input_ids = input_ids.to(self.device)
         doc_ids = doc_ids.to(self.device)
-        out = self.model.base_model(
-            input_ids=input_ids[None],
-            attention_mask=packed_attention_mask(doc_ids, self.model.dtype),
-            position_ids=positions_in_documents(doc_ids)[None],
-            output_hidden_states=True,
-            use_cache=False,
-        )
+        bounds = document_bounds(doc_ids)
+        path = self.packed_path(len(input_ids), len(bounds) - 1)
+        kwargs: dict = {}
+        if path == "dense":
+            kwargs["attention_mask"] = packed_attention_mask(doc_ids, self.model.dtype)
+        elif path == "per_document":
+            kwargs["document_bounds"] = bounds
+        else:
+            kwargs.update(flash_varlen_kwargs(bounds, self.device))
+        attention = {
+            "dense": "sdpa",
+            "per_document": ATTENTION_PER_DOCUMENT,
+            "flash_varlen": "flash_attention_2",
+        }
+        try:
+            with self._attention(attention[path]):
+                out = self.model.base_model(
+                    input_ids=input_ids[None],
+                    position_ids=positions_in_documents(doc_ids)[None],
+                    output_hidden_states=True,
+                    use_cache=False,
+                    **kwargs,
+                )
+        except MissingDocumentBounds as e:
+            if self.packed_attention == "per_document":
+                raise
+            log.warning("%s: %s; packed rows use the dense mask from now on", self.name, e)
+            self._per_document_ok = False
+            return self.forward_packed(input_ids, doc_ids)
         final = out.last_hidden_state[0]
         return PackedTargetOutput(
             aux_hidden=self._aux(out.hidden_states)[0],
