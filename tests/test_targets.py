@@ -171,6 +171,33 @@ def test_model_that_drops_document_bounds_falls_back_to_dense(tiny_target_dir, c
     assert target.packed_path(40, 2) == "dense"
 
 
+def test_argmax_rows_computes_exactly_those_rows(tiny_target_dir, seed, monkeypatch):
+    import specfast.targets.hf as hf
+
+    target = HFTarget(tiny_target_dir)
+    ids = torch.randint(0, target.vocab_size, (30,))
+    doc_ids = torch.repeat_interleave(torch.arange(3), torch.tensor([11, 1, 18]))
+    full = target.forward_packed(ids, doc_ids)
+    rows_seen = []
+
+    def counting_argmax(hidden, weight):
+        rows_seen.append(hidden.shape[0])
+        return full_vocab_argmax(hidden, weight)
+
+    monkeypatch.setattr(hf, "full_vocab_argmax", counting_argmax)
+    rows = torch.rand(30) < 0.4
+    rows[11] = True  # the single-token document
+    some = target.forward_packed(ids, doc_ids, argmax_rows=rows)
+    assert rows_seen == [int(rows.sum())]
+    assert torch.equal(some.argmax[rows], full.argmax[rows])
+    assert (some.argmax[~rows] == -1).all() and some.argmax.dtype == torch.int64
+    torch.testing.assert_close(some.final_hidden, full.final_hidden)
+    none = target.forward_packed(ids, doc_ids, argmax_rows=torch.zeros(30, dtype=torch.bool))
+    assert (none.argmax == -1).all() and rows_seen[-1] == 0
+    with pytest.raises(ValueError, match="bool"):
+        target.forward_packed(ids, doc_ids, argmax_rows=torch.ones(30, dtype=torch.long))
+
+
 def test_automatic_packed_path_rule(tiny_target_dir, caplog):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
 

@@ -21,7 +21,10 @@ class PackedTargetOutput:
 
     aux_hidden: torch.Tensor  # [T, 3 * H]
     final_hidden: torch.Tensor  # [T, H], after the target's final norm
-    argmax: torch.Tensor  # [T] int64, the target's full-vocabulary argmax (its own next-token pick)
+    # [T] int64: the target's full-vocabulary argmax (its own next-token pick) at the rows asked
+    # for (`argmax_rows` of forward_packed; all rows without it) and -1 at the others. Index with
+    # it only where it is >= 0: -1 would silently pick a tensor's last element.
+    argmax: torch.Tensor
 
 
 class TargetCache(Protocol):
@@ -47,8 +50,16 @@ class TargetModel(ABC):
     hf_config: object  # the model's config (rope fields, heads, eps) that the draft copies
 
     @abstractmethod
-    def forward_packed(self, input_ids: torch.Tensor, doc_ids: torch.Tensor) -> PackedTargetOutput:
-        """input_ids, doc_ids: [T]; documents are contiguous runs of equal doc id."""
+    def forward_packed(
+        self,
+        input_ids: torch.Tensor,
+        doc_ids: torch.Tensor,
+        argmax_rows: torch.Tensor | None = None,
+    ) -> PackedTargetOutput:
+        """input_ids, doc_ids: [T]; documents are contiguous runs of equal doc id, each attending
+        causally to itself only, with positions restarting at 0. `argmax_rows` (bool [T]): the
+        rows whose full-vocabulary argmax is computed (2·V·H FLOPs a row); the others get -1.
+        None computes every row."""
 
     @abstractmethod
     def lm_head_weight(self) -> torch.Tensor:

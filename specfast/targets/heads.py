@@ -76,7 +76,7 @@ class HeadsOnlyTarget(TargetModel):
         self._norm = None if norm is None else norm.to(device=device, dtype=dtype)
         self.vocab_size = self._lm_head.shape[0]
 
-    def forward_packed(self, input_ids, doc_ids):
+    def forward_packed(self, input_ids, doc_ids, argmax_rows=None):
         raise RuntimeError(
             "a heads-only target has no decoder layers; capture hidden states with the full target"
         )

@@ -353,7 +353,12 @@ class HFTarget(TargetModel):
         return torch.cat([hidden_states[i + 1] for i in self.aux_layer_ids], dim=-1)
 
     @torch.no_grad()
-    def forward_packed(self, input_ids: torch.Tensor, doc_ids: torch.Tensor) -> PackedTargetOutput:
+    def forward_packed(
+        self,
+        input_ids: torch.Tensor,
+        doc_ids: torch.Tensor,
+        argmax_rows: torch.Tensor | None = None,
+    ) -> PackedTargetOutput:
         input_ids = input_ids.to(self.device)
         doc_ids = doc_ids.to(self.device)
         bounds = document_bounds(doc_ids)
@@ -384,13 +389,26 @@ class HFTarget(TargetModel):
                 raise
             log.warning("%s: %s; packed rows use the dense mask from now on", self.name, e)
             self._per_document_ok = False
-            return self.forward_packed(input_ids, doc_ids)
+            return self.forward_packed(input_ids, doc_ids, argmax_rows)
         final = out.last_hidden_state[0]
         return PackedTargetOutput(
             aux_hidden=self._aux(out.hidden_states)[0],
             final_hidden=final,
-            argmax=full_vocab_argmax(final, self.lm_head_weight()),
+            argmax=self._argmax(final, argmax_rows),
         )
+
+    def _argmax(self, final: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """Full-vocabulary argmax of the `rows` (all when None); -1 elsewhere."""
+        if rows is None:
+            return full_vocab_argmax(final, self.lm_head_weight())
+        rows = rows.to(self.device)
+        if rows.dtype != torch.bool or rows.shape != final.shape[:1]:
+            raise ValueError(
+                f"argmax_rows must be bool [{final.shape[0]}], got {rows.dtype} {tuple(rows.shape)}"
+            )
+        argmax = torch.full(rows.shape, -1, dtype=torch.int64, device=self.device)
+        argmax[rows] = full_vocab_argmax(final[rows], self.lm_head_weight())
+        return argmax
 
     def new_cache(self) -> HFCache:
         return HFCache()
