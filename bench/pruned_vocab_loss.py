@@ -1,30 +1,43 @@
 """Benchmark: fused pruned-vocabulary head + soft cross-entropy, forward + backward.
 
-    python bench/pruned_vocab_loss.py          # CPU: our chunked torch path vs the reference
-    python bench/pruned_vocab_loss.py --quick  # CPU, T ∈ {1k, 4k} only
+    python bench/pruned_vocab_loss.py          # CPU: our chunked torch path vs the reference,
+                                               # kept vs recomputed logits, teacher from hidden
+    python bench/pruned_vocab_loss.py --quick  # CPU, T ≤ 4k in the main table, ≤ 8k in the others
     python bench/pruned_vocab_loss.py --gpu    # CUDA: ours (Triton) vs torch eager and compile
 
 Shapes: T ∈ {1k, 4k, 16k} tokens; (H, V) ∈ {(576, 16k): SmolLM2-sized draft, (4096, 32k):
-Llama-3-8B draft with the usual 32k draft vocabulary}.
+Llama-3-8B draft with the usual 32k draft vocabulary}. The keep and teacher tables use the
+SmolLM2 shape (H = H_t = 576, V = 16k) at T = 2k (the default training row) and 8k (the row the
+2 GB training-step budget is set for).
 
 Baseline: `pruned_vocab_loss_reference`, i.e. what peer trainers do at every TTT step: fp32 logits
 [T, V], log_softmax, softmax of the teacher, product, sum — with [T, V] tensors kept for backward.
 
 Work counted (the same "useful" FLOPs for every method):
     FLOPs = 6·T·H·V    forward logits (2·T·H·V) + grad_hidden (2·T·H·V) + grad_weight (2·T·H·V)
-Ours recomputes the logits in the backward instead of storing them, so it executes 8·T·H·V; the
-TFLOP/s column still divides 6·T·H·V by the time, so recompute shows up as lost throughput.
+Ours keeps each chunk's grad_logits from the forward while they fit in `keep_bytes` (default
+128 MiB per call) and recomputes the logits in the backward beyond it: a kept row costs 6·T·H·V
+like the reference, a recomputed one 8·T·H·V. The TFLOP/s column divides 6·T·H·V by the time, so
+recompute shows up as lost throughput. A teacher given as hidden state (teacher_hidden [T, H_t],
+teacher_weight [V, H_t]) adds 2·T·H_t·V in the forward and again in the backward of recomputed
+chunks; the "logits" baselines of the teacher table pay the same 2·T·H_t·V once, to form the
+[T, V] teacher logits that the method then reads.
 Bytes (minimum traffic, element size e): forward reads hidden, weight and the teacher logits
 (e·(T·H + V·H + T·V)); backward reads them again and writes grad_hidden and grad_weight
-(e·(2·T·H + 2·V·H + T·V)). At (T, H, V) = (16k, 4096, 32k), bf16: 6·T·H·V = 13.2 TFLOP
+(e·(2·T·H + 2·V·H + T·V)). Keeping adds 4·T·V written by the forward and 8·T·V read by the
+backward (grad_logits enters both matmuls) and drops the backward's teacher read; a teacher from
+hidden replaces each read of the teacher logits (e·T·V) by e·(T·H_t + V·H_t).
+At (T, H, V) = (16k, 4096, 32k), bf16: 6·T·H·V = 13.2 TFLOP
 against 3.36 GB of traffic, an arithmetic intensity of ~3,900 FLOP/byte, far above the H100's
 ridge point (989 dense bf16 TFLOP/s ÷ 3.35 TB/s ≈ 295 FLOP/byte): the op is compute-bound, so
 the roofline time is 6·T·H·V / 989 TFLOP/s (H100 SXM) and "% of roofline" is achieved TFLOP/s
-÷ 989. With the recompute, ours cannot exceed 75% of it.
+÷ 989. The Triton path always recomputes (pruned_vocab_loss.py says why), so it cannot exceed 75%.
 
 CPU peak memory: every (method, shape) runs in a fresh process (bench/harness.py's run_child, with
 this process's torch thread count); peak = the extra RSS of one forward + backward over the inputs,
-as bench/harness.py defines it. The grads (T·H + V·H fp32) are part of both methods' peaks.
+as bench/harness.py defines it. The grads (T·H + V·H fp32) are part of every method's peak; so are
+the kept grad_logits (up to keep_bytes) and, in the teacher table, the [T, V] teacher logits that
+the "logits" methods form inside the measured step.
 GPU peak memory: torch.cuda.max_memory_allocated over forward + backward, minus the inputs.
 """
 
@@ -42,14 +55,26 @@ H100_BF16_TFLOPS = 989.0  # dense, SXM
 H100_TBPS = 3.35
 
 
-def make_inputs(T, H, V, device, dtype, seed=0):
-    """In-place scaling so that creating the inputs leaves no transient peak behind."""
+def make_inputs(T, H, V, device, dtype, seed=0, teacher=True):
+    """In-place scaling so that creating the inputs leaves no transient peak behind. teacher=False
+    leaves the [T, V] teacher logits out (None)."""
     g = torch.Generator(device=device).manual_seed(seed)
     hidden = torch.randn(T, H, generator=g, device=device, dtype=dtype)
     weight = torch.randn(V, H, generator=g, device=device, dtype=dtype).mul_(H**-0.5)
-    teacher = torch.randn(T, V, generator=g, device=device, dtype=dtype).mul_(2.0)
+    logits = None
+    if teacher:
+        logits = torch.randn(T, V, generator=g, device=device, dtype=dtype).mul_(2.0)
     mask = torch.rand(T, generator=g, device=device) < 0.9
-    return hidden.requires_grad_(), weight.requires_grad_(), teacher, mask
+    return hidden.requires_grad_(), weight.requires_grad_(), logits, mask
+
+
+def make_teacher_hidden(T, Ht, V, device, dtype, seed=1):
+    """The target's final hidden state and its lm_head rows for the draft ids: teacher logits of
+    spread ~2, like make_inputs' teacher."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    th = torch.randn(T, Ht, generator=g, device=device, dtype=dtype)
+    tw = torch.randn(V, Ht, generator=g, device=device, dtype=dtype).mul_(2.0 * Ht**-0.5)
+    return th, tw
 
 
 def flops(T, H, V):
@@ -60,8 +85,8 @@ def min_bytes(T, H, V, e):
     return e * (T * H + V * H + T * V) + e * (2 * T * H + 2 * V * H + T * V)
 
 
-def fwd_bwd(fn, hidden, weight, teacher, mask):
-    loss, _ = fn(hidden, weight, teacher, mask)
+def fwd_bwd(fn, hidden, weight, *teacher_and_mask):
+    loss, _ = fn(hidden, weight, *teacher_and_mask)
     return torch.autograd.grad(loss, (hidden, weight))
 
 
@@ -70,12 +95,43 @@ METHODS = {
     "reference": pruned_vocab_loss_reference,
 }
 
+# keep_bytes of the torch path: none kept, the default budget, everything kept
+KEEPS = {"recompute": 0, "default": None, "kept": 1 << 62}
+
+
+def _ours_keep(keep):
+    return lambda h, w, t, m: pruned_vocab_loss(h, w, t, m, backend="torch", keep_bytes=keep)
+
+
+# (hidden, weight, teacher_hidden, teacher_weight, mask) → (loss, correct)
+TEACHER_METHODS = {
+    "from hidden": lambda h, w, th, tw, m: pruned_vocab_loss(
+        h, w, None, m, teacher_hidden=th, teacher_weight=tw, backend="torch"
+    ),
+    "logits + ours": lambda h, w, th, tw, m: pruned_vocab_loss(h, w, th @ tw.t(), m),
+    "logits + reference": lambda h, w, th, tw, m: pruned_vocab_loss_reference(h, w, th @ tw.t(), m),
+}
+KEEP_TOKENS = [2048, 8192]
+KEEP_SHAPE = (576, 16384)  # (H, V); H_t = H for the teacher table, as in SmolLM2
+
 
 # ---------------------------------------------------------------------------------------------- CPU
 def cpu_case(method, T, H, V):
-    """In the child, not measured: warm up, make the inputs; returns the measured step."""
-    fn = METHODS[method]
-    # Thread pools and allocator warm-up are not part of the peak.
+    """In the child, not measured: warm up, make the inputs; returns the measured step.
+    method: a METHODS name, ("keep", a KEEPS name) or ("teacher", a TEACHER_METHODS name)."""
+    if isinstance(method, tuple) and method[0] == "teacher":
+        fn = TEACHER_METHODS[method[1]]
+        # Thread pools and allocator warm-up are not part of the peak.
+        h, w, _, m = make_inputs(8, H, 64, "cpu", torch.float32, teacher=False)
+        fwd_bwd(fn, h, w, *make_teacher_hidden(8, H, 64, "cpu", torch.float32), m)
+        hidden, weight, _, mask = make_inputs(T, H, V, "cpu", torch.float32, teacher=False)
+        th, tw = make_teacher_hidden(T, H, V, "cpu", torch.float32)
+
+        def step():
+            fwd_bwd(fn, hidden, weight, th, tw, mask)
+
+        return step
+    fn = _ours_keep(KEEPS[method[1]]) if isinstance(method, tuple) else METHODS[method]
     fwd_bwd(fn, *make_inputs(8, H, 64, "cpu", torch.float32))
     inputs = make_inputs(T, H, V, "cpu", torch.float32)
 
@@ -102,39 +158,116 @@ def reference_peak_estimate_gib(T, V):
 
 
 def run_cpu(args):
-    tokens = [1024, 4096] if args.quick else TOKENS
     threads = torch.get_num_threads()
+    sections = set(args.sections.split(","))
     load_before = os.getloadavg()[0]
+    title = f"### CPU ({cpu_model()}, {threads} threads, torch {torch.__version__}, fp32)"
+    lines = [
+        "Forward + backward, "
+        f"90% of rows supervised, best of {args.rounds} interleaved runs (the methods of a row in "
+        "turn, then again; 1 run where the reference is not run), each in a fresh process. Peak "
+        "= extra RSS over the inputs. Times are inflated when the load average exceeds the "
+        "thread count: the machine is shared.",
+    ]
+    if "main" in sections:
+        lines += ["", *_main_table(args, threads)]
+    if "keep" in sections:
+        lines += ["", *_keep_table(args, threads)]
+    if "teacher" in sections:
+        lines += ["", *_teacher_table(args, threads)]
+    lines += ["", f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after."]
+    write_result("pruned_vocab_loss", title, lines)
+
+
+def _interleaved(methods, T, H, V, threads, rounds):
+    """{method: best_of(its runs)}, the methods run in turn `rounds` times, so that load swings
+    hit them alike."""
+    runs = {m: [] for m in methods}
+    for _ in range(rounds):
+        for m in methods:
+            runs[m].append(run_case(m, T, H, V, threads))
+    return {m: best_of(r) for m, r in runs.items()}
+
+
+def _main_table(args, threads):
+    tokens = [1024, 4096] if args.quick else TOKENS
     rows = []
     for H, V in SHAPES:
         for T in tokens:
             est = reference_peak_estimate_gib(T, V)
             with_ref = est <= args.ref_cap_gib
-            ours, ref = [], []
-            # Interleaved, so that load swings hit both alike.
-            for _ in range(args.rounds if with_ref else 1):
-                ours.append(run_case("ours", T, H, V, threads))
-                if with_ref:
-                    ref.append(run_case("reference", T, H, V, threads))
-            rows.append((T, H, V, best_of(ours), best_of(ref) if ref else None, est))
+            methods = ["ours", "reference"] if with_ref else ["ours"]
+            r = _interleaved(methods, T, H, V, threads, args.rounds if with_ref else 1)
+            rows.append((T, H, V, r["ours"], r.get("reference"), est))
             print(_cpu_row(*rows[-1], args.ref_cap_gib), flush=True)
-    load_after = os.getloadavg()[0]
-
-    title = f"### CPU ({cpu_model()}, {threads} threads, torch {torch.__version__}, fp32)"
-    lines = [
-        "Forward + backward, "
-        f"90% of rows supervised, best of {args.rounds} interleaved runs (ours, reference, ours, "
-        "...; 1 run where the reference is not run), each in a fresh process. Peak = extra RSS "
-        f"over the inputs. 1-min load average {load_before:.1f} before, {load_after:.1f} after "
-        "(times are inflated when it exceeds the thread count: the machine is shared). GFLOP/s "
+    return [
+        "Ours (chunked torch path, default keep_bytes = 128 MiB) against the reference. GFLOP/s "
         "counts 6·T·H·V.",
         "",
         "| T | H | V | ours (s) | reference (s) | speed-up | ours GFLOP/s | ours peak (MiB) "
         "| reference peak (MiB) | memory ratio |",
         "|---|---|---|---|---|---|---|---|---|---|",
+        *[_cpu_row(*r, args.ref_cap_gib) for r in rows],
     ]
-    lines += [_cpu_row(*r, args.ref_cap_gib) for r in rows]
-    write_result("pruned_vocab_loss", title, lines)
+
+
+def _keep_table(args, threads):
+    H, V = KEEP_SHAPE
+    tokens = KEEP_TOKENS if args.quick else KEEP_TOKENS + [16384]
+    out = [
+        f"Kept vs recomputed logits (torch path, H = {H}, V = {V}): keep_bytes = 0 (every "
+        "chunk's logits recomputed in the backward, 8·T·H·V FLOPs), the default 128 MiB, and "
+        "unlimited (every chunk's fp32 grad_logits kept from the forward, T·V·4 bytes, "
+        "6·T·H·V FLOPs). GFLOP/s counts 6·T·H·V.",
+        "",
+        "| T | recompute (s) | default (s) | kept (s) | kept vs recompute | kept GFLOP/s "
+        "| recompute peak (MiB) | default peak (MiB) | kept peak (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for T in tokens:
+        r = _interleaved([("keep", k) for k in KEEPS], T, H, V, threads, args.rounds)
+        rec, dft, kept = (r[("keep", k)] for k in KEEPS)
+        out.append(
+            f"| {T} | {rec['s']:.2f} | {dft['s']:.2f} | {kept['s']:.2f} "
+            f"| {ratio(rec['s'], kept['s'])} | {flops(T, H, V) / kept['s'] / 1e9:.1f} "
+            f"| {rec['peak_mib']:.0f} | {dft['peak_mib']:.0f} | {kept['peak_mib']:.0f} |"
+        )
+        print(out[-1], flush=True)
+    return out
+
+
+def _teacher_table(args, threads):
+    H, V = KEEP_SHAPE
+    tokens = KEEP_TOKENS if args.quick else KEEP_TOKENS + [16384]
+    names = list(TEACHER_METHODS)
+    out = [
+        f'Teacher from hidden state (H = H_t = {H}, V = {V}, default keep_bytes). "from '
+        'hidden": ours given teacher_hidden [T, H_t] and teacher_weight [V, H_t], forming the '
+        'teacher logits chunk by chunk; "logits + ours" / "logits + reference": the step '
+        "first forms the [T, V] fp32 teacher logits (teacher_hidden @ teacher_weightᵀ, as a "
+        "target's lm_head does), then runs ours / the reference on them. All three do the "
+        'teacher\'s 2·T·H_t·V once in the forward; "from hidden" repeats it in the backward '
+        "for the chunks beyond the keep budget.",
+        "",
+        "| T | "
+        + " | ".join(f"{n} (s)" for n in names)
+        + " | from hidden vs logits + ours | "
+        + " | ".join(f"{n} peak (MiB)" for n in names)
+        + " |",
+        "|---|" + "---|" * (2 * len(names) + 1),
+    ]
+    for T in tokens:
+        r = _interleaved([("teacher", n) for n in names], T, H, V, threads, args.rounds)
+        res = [r[("teacher", n)] for n in names]
+        out.append(
+            f"| {T} | "
+            + " | ".join(f"{x['s']:.2f}" for x in res)
+            + f" | {ratio(res[1]['s'], res[0]['s'])} | "
+            + " | ".join(f"{x['peak_mib']:.0f}" for x in res)
+            + " |"
+        )
+        print(out[-1], flush=True)
+    return out
 
 
 def _cpu_row(T, H, V, ours, ref, est, cap):
@@ -225,7 +358,17 @@ def main():
     ap.add_argument(
         "--gpu", action="store_true", help="CUDA benchmark (Triton) instead of the CPU one"
     )
-    ap.add_argument("--quick", action="store_true", help="CPU: T ∈ {1k, 4k} only")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="CPU: main table at T ∈ {1k, 4k}, keep and teacher tables at T ∈ {2k, 8k}",
+    )
+    ap.add_argument(
+        "--sections",
+        default="main,keep,teacher",
+        help="CPU: which tables, comma-separated (main, keep, teacher); the results file then "
+        "holds only those",
+    )
     ap.add_argument(
         "--ref-cap-gib",
         type=float,
