@@ -65,6 +65,15 @@ def check_matches_target(
         )
 
 
+def teacher_rows(loss_mask: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
+    """bool [T]: the rows whose teacher and full-vocabulary argmax can matter. Row t teaches the
+    prediction of token t + 1, which is supervised only if it is an assistant token of the same
+    document (see specfast.ttt); the target's argmax elsewhere is never read."""
+    rows = torch.zeros_like(loss_mask, dtype=torch.bool)
+    rows[:-1] = loss_mask[1:] & (doc_ids[1:] == doc_ids[:-1])
+    return rows
+
+
 class TargetRows:
     """Online source: samples of a prepared dataset, cut to the token budget, packed into one row
     and run through the target."""
@@ -86,7 +95,7 @@ class TargetRows:
         for idx in batches:
             ids, mask, offsets = self.data.read(idx, self.batch_tokens)
             doc_ids, _ = doc_layout(offsets.diff())
-            out = self.target.forward_packed(ids, doc_ids)
+            out = self.target.forward_packed(ids, doc_ids, teacher_rows(mask, doc_ids))
             yield {
                 "sample_ids": torch.as_tensor(idx),
                 "offsets": offsets,

@@ -176,11 +176,16 @@ def ttt_unroll(
         # The head and loss see the supervised rows only; the loss is a mean over them.
         pick = supervised[k][rows]
         sup_rows = rows[pick]
+        ones = torch.ones_like(sup_rows, dtype=torch.bool)
+        if batch.teacher_logits is not None:
+            teacher = dict(teacher_logits=batch.teacher_logits[sup_rows + 1 + k])
+        else:  # the fused loss forms teacher logits tile by tile from the final hidden state
+            teacher = dict(
+                teacher_hidden=batch.teacher_hidden[sup_rows + 1 + k],
+                teacher_weight=batch.teacher_weight,
+            )
         loss_k, correct_rows = pruned_vocab_loss(
-            draft.norm(h[0, pick]),
-            draft.lm_head.weight,
-            batch.teacher_rows(sup_rows + 1 + k),
-            torch.ones_like(sup_rows, dtype=torch.bool),
+            draft.norm(h[0, pick]), draft.lm_head.weight, mask=ones, **teacher
         )
         total = total + (STEP_WEIGHT_DECAY**k) * loss_k
         step_losses.append(float(loss_k.detach()))

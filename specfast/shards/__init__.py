@@ -58,7 +58,9 @@ tensor               shape     dtype                meaning
 ``input_ids``        [N]       I32 (default) / I64  token ids
 ``loss_mask``        [N]       BOOL                 True where the token is supervised
 ``target_argmax``    [N]       I32 / I64, optional  the target's full-vocabulary argmax per
-                                                    token (saves recomputing it in training)
+                                                    token (saves recomputing it in training);
+                                                    -1 where it cannot matter (the next token
+                                                    is not supervised) and was not computed
 ``offsets``          [S+1]     I64                  sample j is tokens [offsets[j], offsets[j+1])
 ``sample_checksum``  [S]       U64                  xxh64 (seed 0) of sample j's bytes in the
                                                     per-token tensors, in the order above

@@ -345,8 +345,9 @@ def _check_values(t: torch.Tensor, f: Field, where: str) -> torch.Tensor:
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise ValueError(f"{where}: must be integer token ids, got {t.dtype}")
         hi = torch.iinfo(f.torch_dtype).max
-        if bool((t < 0).any()) or bool((t > hi).any()):
+        lo = -1 if f.name == "target_argmax" else 0  # -1: argmax not computed for that row
+        if bool((t < lo).any()) or bool((t > hi).any()):
             raise ValueError(
-                f"{where}: token ids must lie in [0, {hi}] (got {int(t.min())}..{int(t.max())})"
+                f"{where}: token ids must lie in [{lo}, {hi}] (got {int(t.min())}..{int(t.max())})"
             )
     return t
