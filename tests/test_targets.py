@@ -209,7 +209,8 @@ def test_automatic_packed_path_rule(tiny_target_dir, caplog):
 
     assert rule(8192, 22) == rule(2048, 1) == rule(512, 2) == "per_document"
     assert rule(128, 128) == rule(64, 16) == "dense"  # short rows of tiny documents
-    assert rule(128, 32) == rule(512, 512) == rule(8192, 8192) == "per_document"
+    assert rule(128, 32) == rule(512, 512) == rule(8192, 8192) == "per_document"  # ties
+    assert rule(20, 1) == rule(1, 1) == "per_document"  # one document: one call, no mask
     assert rule(512, 4, cuda, torch.bfloat16, flash=True) == "flash_varlen"
     assert rule(512, 4, cpu, torch.bfloat16, flash=True) == "per_document"
     assert rule(512, 4, cuda, torch.float32, flash=True) == "per_document"

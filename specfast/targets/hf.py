@@ -48,7 +48,7 @@ PACKED_PATHS = ("flash_varlen", "per_document", "dense")
 
 # The automatic rule (see packed_attention_path): one SDPA call's fixed cost, in the (query, key)
 # pairs per layer that the dense mask's attention handles in the same time (CPU, measured).
-SDPA_CALL_COST_PAIRS = 400
+SDPA_CALL_COST_PAIRS = 512
 
 
 def packed_attention_mask(doc_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -173,21 +173,30 @@ def packed_attention_path(
     `num_docs` documents. The rule:
 
     1. ``flash_varlen`` where flash-attn is installed, on CUDA, in fp16/bf16;
-    2. else ``dense`` where documents * SDPA_CALL_COST_PAIRS > T², i.e. where the per-document
-       loop's fixed cost per SDPA call (documents calls a layer) exceeds the dense attention's
-       (T² pairs a layer): only short rows of tiny documents (T < 400, mean document length
-       under 400 / T tokens; 3 at T = 128). ShareGPT rows never qualify;
+    2. else ``dense`` where (documents - 1) * SDPA_CALL_COST_PAIRS > T²: the per-document
+       loop pays a fixed cost per SDPA call (documents calls a layer against the dense path's
+       one), the dense mask a cost per (query, key) pair (T² a layer). Only short rows of tiny
+       documents qualify (T < 512 and a mean document length of about 512 / T tokens or less:
+       4 at T = 128); a single document never does, nor do ShareGPT rows;
     3. else ``per_document``.
 
-    Measured on CPU (bench/results/target_forward-cpu-2core.md; SmolLM2-135M, fp32, one thread):
-    see the table there (module bench/target_forward.py).
-    On CUDA the rule is the same but unmeasured (no GPU here)."""
+    Measured on CPU (bench/results/target_forward-cpu-2core.md: SmolLM2-135M, fp32, one thread,
+    a shared 2-core machine). Whole forward, dense vs per document: T = 8192 in 24 ShareGPT-like
+    documents 186 s vs 56 s (3.3×), peak 1482 vs 1016 MiB; one 8192-token document 188 s vs
+    114 s (1.65×); T = 2048 in 5 documents 19.4 s vs 13.1 s (1.5×), one document 1.3×; at
+    T <= 512 the attention is a small part and the two are within 10% either way (dense 0.76 s
+    vs 0.88 s at T = 128 in 1-token documents). One layer's attention alone, where the rule's
+    constant comes from: dense wins at T = 128 in 1-token documents (0.71 vs 2.19 ms) and
+    2-token documents (0.67 vs 1.21 ms); they tie at T = 128 in 4-token documents (32 · 512 =
+    128²) and at T = 512 in 1-token documents (512 · 512 = 512²); per document wins by 1.2–12×
+    everywhere else measured (T = 2048 ShareGPT-like: 295 vs 59 ms). On CUDA the rule is the
+    same but unmeasured (no GPU here); with flash-attn installed it does not apply."""
     if flash_available and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
         return "flash_varlen", "flash-attn installed, CUDA, half precision"
     if not per_document_available:
         return "dense", "this transformers has no AttentionInterface"
-    if num_docs * SDPA_CALL_COST_PAIRS > num_tokens**2:
-        return "dense", f"documents * {SDPA_CALL_COST_PAIRS} > T²: many tiny documents"
+    if (num_docs - 1) * SDPA_CALL_COST_PAIRS > num_tokens**2:
+        return "dense", f"(documents - 1) * {SDPA_CALL_COST_PAIRS} > T²: many tiny documents"
     return "per_document", "no T×T mask: one causal SDPA call per document"
 
 
