@@ -34,7 +34,7 @@ import torch
 from harness import ChildError, run_child, table, write_result
 
 from specfast.targets import HFTarget, resolve_target_path
-from specfast.targets.hf import (
+from specfast.targets.packed import (
     SDPA_CALL_COST_PAIRS,
     document_bounds,
     packed_attention_mask,
@@ -103,7 +103,7 @@ def attention_case(cases):
     once per forward), and per_document_attention. Returns {(kind, T): (dense s, per-doc s)}."""
     import time
 
-    from specfast.targets.hf import per_document_attention
+    from specfast.targets.packed import per_document_attention
 
     module = torch.nn.Module()
     module.num_key_value_groups, module.is_causal = 3, True

@@ -185,7 +185,11 @@ def ttt_unroll(
                 teacher_weight=batch.teacher_weight,
             )
         loss_k, correct_rows = pruned_vocab_loss(
-            draft.norm(h[0, pick]), draft.lm_head.weight, mask=ones, **teacher
+            draft.norm(h[0, pick]),
+            draft.lm_head.weight,
+            mask=ones,
+            keep_bytes=0 if recompute else None,  # memory is the limit: keep no logits either
+            **teacher,
         )
         total = total + (STEP_WEIGHT_DECAY**k) * loss_k
         step_losses.append(float(loss_k.detach()))

@@ -10,7 +10,7 @@ from specfast.kernels import full_vocab_argmax
 
 from specfast.conventions import aux_ids_to_vllm, aux_layer_ids_default
 from specfast.targets import HFTarget
-from specfast.targets.hf import (
+from specfast.targets.packed import (
     PACKED_PATHS,
     document_bounds,
     flash_attn_available,

@@ -128,9 +128,7 @@ class DecoderLayer(nn.Module):
         """emb, h [B, T, H]; attend(q, k, v) -> [B, nh, T, hd]. `recompute`: keep only each half's
         inputs for backward and recompute the rest then (memory for time)."""
         if recompute:
-            q, k, v, residual = checkpoint(
-                self.pre, emb, h, positions, rotary, use_reentrant=False
-            )
+            q, k, v, residual = checkpoint(self.pre, emb, h, positions, rotary, use_reentrant=False)
             return checkpoint(self.post, attend(q, k, v), residual, use_reentrant=False)
         q, k, v, residual = self.pre(emb, h, positions, rotary)
         return self.post(attend(q, k, v), residual)
