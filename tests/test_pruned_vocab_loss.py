@@ -17,6 +17,7 @@ from specfast.kernels import (
     pruned_vocab_loss_reference,
 )
 
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """These shapes are tiny: one intra-op thread. With two, every small op waits at an OpenMP
