@@ -40,9 +40,9 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         f"{LOAD_START:.1f} before, {os.getloadavg()[0]:.1f} after: the machine is shared with "
         "other work and its noise only ever slows a run down, so the min over rounds is the "
         "estimate; the median shows the spread. Treat the times as rough. pruned_vocab_loss "
-        "trades time for memory: it recomputes the logits in backward (8·T·H·V FLOPs against "
-        "6·T·H·V, about 0.75× the reference's speed where the matmuls dominate) instead of "
-        "keeping [T, V] tensors; its memory is in pruned_vocab_loss-<machine>.md.",
+        "keeps its grad_logits for backward up to keep_bytes (128 MiB per call by default) and "
+        "recomputes the logits beyond it (8·T·H·V FLOPs against 6·T·H·V) so that memory stays "
+        "flat in T; the recompute case is the 0.75× row. Memory: pruned_vocab_loss-<machine>.md.",
         "",
         "Min over rounds:",
         "",
