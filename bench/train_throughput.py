@@ -274,6 +274,21 @@ class Timer:
         print(f"  [{row}] {part}: {self.parts[-1][2]:.0f} s {note}", flush=True)
         return value
 
+    def made(self, work: Path, row: str, parts: list[str]) -> None:
+        """Record how long `parts` (just run) took, for runs that reuse what they made."""
+        path = work / "made.json"
+        made = json.loads(path.read_text()) if path.is_file() else {}
+        made.update({p: [s, n] for r, p, s, n in self.parts if r == row and p in parts})
+        path.write_text(json.dumps(made))
+
+    def reused(self, work: Path, row: str, parts: list[str]) -> None:
+        path = work / "made.json"
+        made = json.loads(path.read_text()) if path.is_file() else {}
+        for part in parts:
+            seconds, note = made.get(part, [None, ""])
+            then = "" if seconds is None else f", made in {seconds:.0f} s {note}"
+            self.parts.append((row, part, 0.0, f"reused{then}"))
+
 
 def bench_row(n_tokens, measured, args, sides, forge_py, timer) -> list[dict]:
     """Everything for one row length; returns one result dict per side."""
@@ -306,6 +321,10 @@ def bench_row(n_tokens, measured, args, sides, forge_py, timer) -> list[dict]:
             prep += ["--limit", args.conversations or sharegpt_count(n_tokens, total)]
         timer.run(row, "prepare", "", run, [str(c) for c in prep], capture_output=True)
         stamp.write_text(json.dumps(want))
+        (work / "made.json").unlink(missing_ok=True)
+        timer.made(work, row, ["select conversations", "prepare"])
+    else:
+        timer.reused(work, row, ["select conversations"] * (args.data == "full") + ["prepare"])
     meta = json.loads((data / "meta.json").read_text())
     conversations = meta["stats"]["samples"]
 
@@ -318,11 +337,15 @@ def bench_row(n_tokens, measured, args, sides, forge_py, timer) -> list[dict]:
             cap += ["--no-progress"]
             note = f"({conversations} conversations, {args.dtype})"
             timer.run(row, "capture", note, run, [str(c) for c in cap], capture_output=True)
+            timer.made(work, row, ["capture"])
+        else:
+            timer.reused(work, row, ["capture"])
 
     results = []
     for side in sides:
         res = {"n": n_tokens, "side": side, "conversations": conversations}
         res["cap"] = memory_cap(args.mem_cap)
+        res["tree"] = tree_state()
         metrics = work / side / "metrics.jsonl"
         shutil.rmtree(work / side, ignore_errors=True)
         (work / side).mkdir(parents=True)
@@ -371,6 +394,20 @@ def bench_row(n_tokens, measured, args, sides, forge_py, timer) -> list[dict]:
         print(f"  [{row}] {side}: {short(res)}", flush=True)
         results.append(res)
     return results
+
+
+def tree_state() -> str:
+    """The specfast code a side ran: commit, and whether specfast/, kernels/ or csrc/ differed."""
+    git = ["git", "-C", str(harness.ROOT)]
+    head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(
+        git + ["status", "--porcelain", "--", "specfast", "kernels", "csrc"],
+        capture_output=True,
+        text=True,
+    )
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
 
 
 def target_path() -> str:
@@ -439,10 +476,12 @@ row is as long as the sample.
 With `--data full` every conversation has at least N tokens, so all three sides train on
 identical rows of exactly N real tokens, one conversation per row: no packing, no padding, same
 tokens per step. The ratio is then the cost of the training step itself at equal row length.
-On ShareGPT as it comes (`--data sharegpt`, median ~1.5k tokens) specfast still fills N tokens
-per step from several conversations, while SpecForge's rows are single conversations, most of
-them shorter than N (cheaper per token for its quadratic attention, fewer tokens per step); a
-larger SpecForge batch would add padding instead. tokens/s count real tokens on every side."""
+On ShareGPT as it comes (`--data sharegpt`) specfast packs whole conversations in plan order
+while they fit (greedy, none split) and SpecForge takes them one by one: where conversations are
+long next to N (ShareGPT's median is ~1.5k tokens) both train on the same rows, where they are
+short specfast's rows hold several and more tokens per step, while a larger SpecForge batch
+would add padding. tokens/s count real tokens on every side; the "measured steps × tokens"
+column gives the mean per step."""
 
 MODES = {
     "full": "`--data full`, identical rows of N real tokens on every side",
@@ -499,12 +538,14 @@ def report(saved: dict) -> list[str]:
     if device == "cuda":
         cols.append("peak GPU (GiB)")
     loads = [x for r in results for x in r.get("load", ())]
-    data = "identical full rows" if saved["data"] == "full" else "ShareGPT as it comes"
+    trees = {r["tree"] for r in results if r["side"] != "specforge" and "tree" in r}
+    data = "Identical full rows" if saved["data"] == "full" else "ShareGPT as it comes"
     return [
-        f"{data.capitalize()}, TTT {TTT}, draft vocabulary {DRAFT_VOCAB}, "
+        f"{data}, TTT {TTT}, draft vocabulary {DRAFT_VOCAB}, "
         f"{'fp32' if device == 'cpu' else 'bf16'}, {saved['warmup']} warm-up steps dropped per "
-        "side. Each side in its own process, one after another (never two at once), pinned to "
-        "one core with one thread. 1-min load average "
+        f"side{'; specfast at commit ' + ', '.join(sorted(trees)) if trees else ''}. Each "
+        "side in its own process, one after another (never two at once), pinned to one core "
+        "with one thread. 1-min load average "
         f"{min(loads, default=0):.1f}–{max(loads, default=0):.1f} during the runs: the 2 cores "
         "are shared with other work, so wall-clock tok/s carry the contention (CPU share = CPU "
         "time the trainer got / wall time over the measured steps) and tok/CPU-s much less of "
@@ -619,6 +660,7 @@ def main(argv=None) -> int:
         return 0
     if args.quick:
         args.rows, args.steps, args.warmup, args.no_save = "512", "3", 1, True
+        args.work = args.work / "quick"  # its own data: the full run's stays reusable
     rows = [int(x) for x in args.rows.split(",")]
     steps = parse_steps(args.steps, rows)
     sides = [s for s in args.sides.split(",") if s]
