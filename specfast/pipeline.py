@@ -208,7 +208,13 @@ def supervised_within(data: PreparedData, batch_tokens: int) -> np.ndarray:
 
 
 def online_plan(
-    data: PreparedData, batch_tokens: int, seed: int, shuffle: bool = True
+    data: PreparedData,
+    batch_tokens: int,
+    seed: int,
+    shuffle: bool = True,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> BatchPlan:
     """The plan over a prepared dataset: only samples that can be supervised within the token
     budget."""
@@ -218,23 +224,42 @@ def online_plan(
         seed,
         eligible=supervised_within(data, batch_tokens),
         shuffle=shuffle,
+        rank=rank,
+        world_size=world_size,
     )
 
 
 def open_online(
-    data: PreparedData, target, batch_tokens: int, seed: int, device: torch.device
+    data: PreparedData,
+    target,
+    batch_tokens: int,
+    seed: int,
+    device: torch.device,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Batches:
     return Batches(
         TargetRows(data, target, batch_tokens),
-        online_plan(data, batch_tokens, seed),
+        online_plan(data, batch_tokens, seed, rank=rank, world_size=world_size),
         target,
         data.vocab,
         device,
     )
 
 
-def open_offline(dataset, target, batch_tokens: int, seed: int, device: torch.device) -> Batches:
-    """`dataset`: a ShardDataset; `target` needs only the tokenizer, embeddings and lm_head."""
+def open_offline(
+    dataset,
+    target,
+    batch_tokens: int,
+    seed: int,
+    device: torch.device,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Batches:
+    """`dataset`: a ShardDataset; `target` needs only the tokenizer, embeddings and lm_head.
+    `rank` of `world_size` reads only its own batches of the one global plan."""
     shard_dir = dataset.path
     cap = dataset.capture
     vocab = read_vocab(Path(shard_dir))
@@ -246,7 +271,7 @@ def open_offline(dataset, target, batch_tokens: int, seed: int, device: torch.de
         hidden_size=cap["hidden_size"],
         vocab_size=vocab.target_vocab_size,
     )
-    plan = BatchPlan(dataset.sample_lengths, batch_tokens, seed)
+    plan = BatchPlan(dataset.sample_lengths, batch_tokens, seed, rank=rank, world_size=world_size)
     return Batches(ShardRows(dataset, batch_tokens, device), plan, target, vocab, device)
 
 
