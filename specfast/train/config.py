@@ -24,7 +24,9 @@ class TrainConfig:
     max_minutes: float = 0.0  # stop (and save) after this much training time; 0 = no limit
     lr: float = 3e-4
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
+    lr_schedule: str = "fraction"  # fraction: warmup a share of the budget | steps: the old shape
+    warmup: float = 0.05  # lr_schedule fraction: share of the budget (steps or minutes) warming up
+    warmup_steps: int = 50  # lr_schedule steps: warmup length in steps
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.95
@@ -36,6 +38,14 @@ class TrainConfig:
     # Recompute each TTT step's layer in backward: stores a step's inputs, not its activations.
     recompute: bool = False
     init_from_target: bool = False  # start lm_head and norm from the target's own weights
+    fc_init: str = "aux_rms"  # aux_rms: scaled to the first batch's aux states | normal: std 0.02
+    fc_init_rms: float = 0.5  # fc_init aux_rms: RMS of fc(aux) at the start
+    eval_every: int = 0  # real speculative decoding on --eval-prompts every N steps; 0 = never
+    # Held-out prompts for eval_every, e.g. a prepared folder's heldout.jsonl.
+    eval_prompts: str = ""
+    eval_limit: int = 8  # prompts used by each in-training eval
+    eval_k: int = 3  # draft tokens per verification in the in-training eval
+    eval_max_new_tokens: int = 128  # per answered turn, in the in-training eval
     aux_layer_ids: str = ""  # comma-separated 0-based layer outputs; empty = EAGLE-3 default
     tensorboard: bool = True
     progress: bool = True
@@ -55,6 +65,24 @@ class TrainConfig:
             0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], not {self.min_lr_ratio}"
         )
         need(self.warmup_steps >= 0, "warmup_steps must be ≥ 0")
+        need(
+            self.lr_schedule in ("fraction", "steps"),
+            f"lr_schedule must be fraction or steps, not {self.lr_schedule!r}",
+        )
+        need(0 <= self.warmup < 1, f"warmup must be a fraction in [0, 1), not {self.warmup}")
+        need(
+            self.fc_init in ("aux_rms", "normal"),
+            f"fc_init must be aux_rms or normal, not {self.fc_init!r}",
+        )
+        need(self.fc_init_rms > 0, f"fc_init_rms must be > 0, not {self.fc_init_rms}")
+        need(self.eval_every >= 0, f"eval_every must be ≥ 0, not {self.eval_every}")
+        need(
+            not self.eval_every or self.eval_prompts,
+            "eval_every needs eval_prompts (a JSONL of held-out prompts)",
+        )
+        need(self.eval_limit >= 1, f"eval_limit must be ≥ 1, not {self.eval_limit}")
+        need(self.eval_k >= 1, f"eval_k must be ≥ 1, not {self.eval_k}")
+        need(self.eval_max_new_tokens >= 1, "eval_max_new_tokens must be ≥ 1")
         need(self.save_every >= 1, "save_every must be ≥ 1")
         need(self.keep_checkpoints >= 1, "keep_checkpoints must be ≥ 1")
         self.parsed_aux_layer_ids()
