@@ -260,6 +260,81 @@ def _capture(a) -> int:
     return 0
 
 
+# -- convert ---------------------------------------------------------------------------------------
+
+
+def _convert_arguments(s: argparse.ArgumentParser) -> None:
+    from specfast.conventions import HIDDEN_DTYPES
+
+    s.add_argument("src", help="the other trainer's hidden-state folder")
+    s.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        choices=["specforge", "angelslim", "speculators"],
+        help="the trainer that wrote SRC",
+    )
+    s.add_argument(
+        "--out", required=True, help="shard folder (resumed if it holds a partial conversion)"
+    )
+    s.add_argument("--target", default="smollm2", help=TARGET_HELP)
+    s.add_argument(
+        "--dtype", default="bfloat16", choices=sorted(HIDDEN_DTYPES), help="stored hidden dtype"
+    )
+    s.add_argument(
+        "--on-error",
+        default="stop",
+        choices=["stop", "skip"],
+        help="a bad sample file stops the conversion (default) or is skipped and listed",
+    )
+    s.add_argument(
+        "--layer-ids",
+        default=None,
+        help="aux layers the source captured, comma-separated, in the source's own convention "
+        "(default: EAGLE-3's as that trainer spells them)",
+    )
+    s.add_argument(
+        "--vocab",
+        default=None,
+        help="draft vocabulary: a prepared/shard folder, its vocab.safetensors, or a SpecForge "
+        "vocab-mapping .pt (default: the most frequent supervised tokens of SRC)",
+    )
+    s.add_argument(
+        "--draft-vocab-size", type=int, default=None, help="without --vocab (default 8192)"
+    )
+    s.add_argument(
+        "--shard-tokens", type=int, default=None, help="tokens per shard (default ~256 MiB)"
+    )
+    _no_progress(s)
+
+
+def _convert(a) -> int:
+    from specfast.convert import convert
+
+    layer_ids = None
+    if a.layer_ids:
+        try:
+            layer_ids = [int(x) for x in a.layer_ids.split(",")]
+        except ValueError:
+            raise ValueError(f"--layer-ids {a.layer_ids!r} is not a comma-separated list") from None
+    r = convert(
+        a.src,
+        a.source,
+        a.out,
+        target=a.target,
+        dtype=a.dtype,
+        on_error=a.on_error,
+        layer_ids=layer_ids,
+        vocab=a.vocab,
+        draft_vocab_size=a.draft_vocab_size,
+        shard_tokens=a.shard_tokens,
+        progress=not a.no_progress,
+    )
+    r.pop("skipped_files")
+    print(json.dumps(r))
+    return 0
+
+
 # -- eval ------------------------------------------------------------------------------------------
 
 
@@ -390,6 +465,15 @@ COMMANDS = (
         "the target's decoder layers. Resumes after a kill.",
         _capture_arguments,
         _capture,
+    ),
+    Command(
+        "convert",
+        "turn SpecForge / AngelSlim / speculators hidden states into specfast shards",
+        "Read another trainer's offline hidden-state files (one per sample), check each, and "
+        "write checksummed specfast shards that `specfast train --data SHARDS` trains from. "
+        "Resumes after a kill; bad files stop it or are skipped and listed (--on-error).",
+        _convert_arguments,
+        _convert,
     ),
     Command(
         "eval",
