@@ -35,6 +35,8 @@ class TrainConfig:
     save_every: int = 200
     keep_checkpoints: int = 2
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # Under torchrun: ddp (every rank holds the draft) or fsdp2 (draft and optimizer sharded).
+    parallel: str = "ddp"
     # Recompute each TTT step's layer in backward: stores a step's inputs, not its activations.
     recompute: bool = False
     init_from_target: bool = False  # start lm_head and norm from the target's own weights
@@ -85,6 +87,10 @@ class TrainConfig:
         need(self.eval_max_new_tokens >= 1, "eval_max_new_tokens must be ≥ 1")
         need(self.save_every >= 1, "save_every must be ≥ 1")
         need(self.keep_checkpoints >= 1, "keep_checkpoints must be ≥ 1")
+        need(
+            self.parallel in ("ddp", "fsdp2"),
+            f"parallel must be ddp or fsdp2, not {self.parallel!r}",
+        )
         self.parsed_aux_layer_ids()
 
     def parsed_aux_layer_ids(self) -> list[int] | None:

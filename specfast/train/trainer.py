@@ -1,5 +1,13 @@
 """`specfast train`: the loop that ties data, target, draft, TTT unroll, optimizer, checkpoints and
-metrics together. Online mode: the target runs inside each step."""
+metrics together. Online mode: the target runs inside each step.
+
+One process, or many under torchrun (specfast.train.distributed): every rank builds the same draft,
+takes its own batches of the one global plan, and the step's gradients are reduced over the ranks
+(DDP or FSDP2), so N ranks with `grad_accum` G train exactly as one process with N·G. Rank 0 alone
+writes logs, metrics, the progress bar, TensorBoard, plots and summary; logged numbers are global.
+
+    setup_run ─► resume_run (optional) ─► train_step … ─► save (every save_every steps; at the end)
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,7 @@ import contextlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,25 +23,26 @@ import yaml
 from tqdm import tqdm
 
 from specfast.data.prepared import PreparedData
-from specfast.device import resolve_device
 from specfast.model.load import new_draft
 from specfast.pipeline import is_shard_folder, open_offline, open_online
-from specfast.ttt import metrics_from_counts, ttt_counts, ttt_unroll
+from specfast.ttt import metrics_from_counts, ttt_counts
 
+from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .distributed import SINGLE, Ranks, Unroll, batch_fields, gradient_sync
 from .metrics import MetricsLog, plot_metrics
 from .schedule import lr_factor
 
 log = logging.getLogger("specfast")
 
 # Changing these between a run and its resumption would silently change what is trained.
+# (grad_accum may change with the number of ranks: their product, the global batch, may not.)
 RESUME_MUST_MATCH = (
     "data",
     "target",
     "ttt_steps",
     "batch_tokens",
-    "grad_accum",
     "seed",
     "lr",
     "min_lr_ratio",
@@ -47,11 +57,13 @@ RESUME_MUST_MATCH = (
 )
 
 
-def open_batches(cfg: TrainConfig, device: torch.device):
+def open_batches(cfg: TrainConfig, device: torch.device, ranks: Ranks = SINGLE):
     """Online (a prepared dataset: the target runs in the loop) or offline (a shard folder from
-    `specfast capture`: only the target's tokenizer, embeddings and lm_head are loaded)."""
+    `specfast capture`: only the target's tokenizer, embeddings and lm_head are loaded). Each rank
+    gets its own batches of the one global plan."""
     from specfast.targets import load_target
 
+    split = {"rank": ranks.rank, "world_size": ranks.world_size}
     if is_shard_folder(cfg.data):
         from specfast.shards import ShardDataset
         from specfast.targets import resolve_target_path
@@ -66,24 +78,38 @@ def open_batches(cfg: TrainConfig, device: torch.device):
         target = HeadsOnlyTarget(
             resolve_target_path(cfg.target), captured, device, dtype, cfg.target
         )
-        return open_offline(dataset, target, cfg.batch_tokens, cfg.seed, device)
+        return open_offline(dataset, target, cfg.batch_tokens, cfg.seed, device, **split)
     data = PreparedData.load(cfg.data)  # before the target: bad data fails fast
     target = load_target(cfg.target, device=str(device), aux_layer_ids=cfg.parsed_aux_layer_ids())
-    return open_online(data, target, cfg.batch_tokens, cfg.seed, device)
+    return open_online(data, target, cfg.batch_tokens, cfg.seed, device, **split)
 
 
-def train(cfg: TrainConfig, resume: bool | str = False) -> dict:
-    """Train a draft; returns a summary. `resume`: True for the latest checkpoint in cfg.out, or a
-    path."""
-    cfg.validate()
-    out = Path(cfg.out)
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+@dataclass
+class Run:
+    """Everything a training run holds."""
 
-    batches = open_batches(cfg, device)
-    target = batches.target
-    draft = new_draft(target, batches.vocab, cfg.init_from_target, device)
-    params = [p for p in draft.parameters() if p.requires_grad]
+    cfg: TrainConfig
+    ranks: Ranks
+    device: torch.device
+    out: Path
+    batches: object  # pipeline.Batches
+    draft: torch.nn.Module
+    model: torch.nn.Module  # Unroll(draft), wrapped by DDP / FSDP2 when there are several ranks
+    params: list
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+
+
+def setup_run(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Run:
+    torch.manual_seed(cfg.seed)  # the same initial draft on every rank
+    batches = open_batches(cfg, device, ranks)
+    draft = new_draft(batches.target, batches.vocab, cfg.init_from_target, device)
+    model = distributed.wrap(
+        Unroll(draft, cfg.ttt_steps, cfg.recompute), cfg.parallel, ranks, device
+    )
+    params = [p for p in model.parameters() if p.requires_grad]  # sharded ones under FSDP2
     optimizer = torch.optim.AdamW(
         params,
         lr=cfg.lr,
@@ -91,147 +117,223 @@ def train(cfg: TrainConfig, resume: bool | str = False) -> dict:
         weight_decay=cfg.weight_decay,
         fused=device.type == "cuda",
     )
+    return Run(cfg, ranks, device, Path(cfg.out), batches, draft, model, params, optimizer)
 
-    def set_lr() -> float:
-        if (
-            cfg.max_minutes > 0
-        ):  # time-boxed: the decay ends with the budget (or max_steps, if sooner)
-            progress = max(step / cfg.max_steps, train_seconds / (cfg.max_minutes * 60))
-        else:
-            progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-        lr = cfg.lr * lr_factor(step, cfg.warmup_steps, progress, cfg.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        return lr
 
-    step, tokens_seen, train_seconds = 0, 0, 0.0
-    ckpt = None
-    if resume:
-        ckpt = latest_checkpoint(out) if resume is True else Path(resume)
-        if ckpt is None:
-            raise FileNotFoundError(f"{out}: no checkpoint to resume from")
-        state = load_checkpoint(ckpt, draft, optimizer)
-        saved = state["config"]
-        changed = [k for k in RESUME_MUST_MATCH if saved.get(k) != getattr(cfg, k)]
-        if changed:
-            raise ValueError(
-                f"{ckpt}: cannot resume with changed settings: "
-                + ", ".join(f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
-            )
-        batches.load_state_dict(state["data"])
-        step, tokens_seen, train_seconds = (
-            state["step"],
-            state["tokens_seen"],
-            state["train_seconds"],
+def resume_run(run: Run, where: bool | str) -> Path:
+    """Load a checkpoint (True: the latest in the run folder) into `run`, on any number of ranks."""
+    cfg = run.cfg
+    ckpt = latest_checkpoint(run.out) if where is True else Path(where)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run.out}: no checkpoint to resume from")
+    if not (ckpt / "state.json").is_file():
+        raise FileNotFoundError(f"{ckpt}: not a complete checkpoint (no state.json)")
+    state = load_checkpoint(ckpt, run.model, run.draft, run.optimizer, run.ranks)
+    saved = state["config"]
+    changed = [k for k in RESUME_MUST_MATCH if saved.get(k) != getattr(cfg, k)]
+    if changed:
+        raise ValueError(
+            f"{ckpt}: cannot resume with changed settings: "
+            + ", ".join(f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
         )
-        log.info("resumed from %s at step %d", ckpt, step)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    metrics = MetricsLog(out, step if ckpt else None, cfg.tensorboard)
+    saved_world = state.get("world_size", 1)
+    if saved["grad_accum"] * saved_world != cfg.grad_accum * run.ranks.world_size:
+        raise ValueError(
+            f"{ckpt}: cannot resume with a different global batch: saved by {saved_world} "
+            f"rank(s) x grad_accum {saved['grad_accum']}, now {run.ranks.world_size} x "
+            f"{cfg.grad_accum}; set --grad-accum so that ranks x grad_accum = "
+            f"{saved['grad_accum'] * saved_world}"
+        )
+    run.batches.load_state_dict(state["data"])
+    run.step, run.tokens_seen, run.train_seconds = (
+        state["step"],
+        state["tokens_seen"],
+        state["train_seconds"],
+    )
+    log.info("resumed from %s at step %d (saved by %d rank(s))", ckpt, run.step, saved_world)
+    return ckpt
 
+
+def set_lr(run: Run) -> float:
+    cfg, step = run.cfg, run.step
+    if cfg.max_minutes > 0:  # time-boxed: the decay ends with the budget (or max_steps, if sooner)
+        progress = max(step / cfg.max_steps, run.train_seconds / (cfg.max_minutes * 60))
+    else:
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    lr = cfg.lr * lr_factor(step, cfg.warmup_steps, progress, cfg.min_lr_ratio)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def train_step(run: Run) -> dict:
+    """One optimizer step over grad_accum micro-batches per rank; returns the step's global
+    metrics (sums over all ranks' batches)."""
+    cfg = run.cfg
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
+        if run.device.type == "cuda"
         else contextlib.nullcontext()
     )
-    window = []  # recent per-step count tensors, for smoothed metrics in the bar and summary
-    # A time-boxed run shows its progress through the time budget, others through max_steps.
+    t0 = time.perf_counter()
+    counts, n_tokens, loss_sum, step_loss_sum = None, 0, 0.0, None
+    for i in range(cfg.grad_accum):
+        batch = run.batches.next()
+        with gradient_sync(run.model, sync=i == cfg.grad_accum - 1):
+            with autocast:
+                loss, correct, valid, step_losses = run.model(**batch_fields(batch))
+            (loss / cfg.grad_accum).backward()
+        c = ttt_counts(correct, valid)
+        counts = c if counts is None else counts + c
+        n_tokens += batch.num_tokens
+        loss_sum += float(loss.detach())
+        step_loss_sum = step_losses if step_loss_sum is None else step_loss_sum + step_losses
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+        grad_norm = grad_norm.full_tensor()
+    lr = set_lr(run)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+    # Global numbers: each micro-batch's loss is a mean over its own supervised tokens, and the
+    # step's loss is the mean over all N·G micro-batches, as the gradient is.
+    n = run.ranks.world_size * cfg.grad_accum
+    sums = distributed.all_sum(
+        torch.tensor([loss_sum, n_tokens, *step_loss_sum.tolist()], dtype=torch.float64).to(
+            run.device
+        )
+    ).cpu()
+    counts = distributed.all_sum(counts.to(run.device)).cpu()
+    dt = distributed.all_max(time.perf_counter() - t0, run.device)  # the slowest rank's time
+    run.step += 1
+    tokens = int(sums[1])
+    run.tokens_seen += tokens
+    run.train_seconds += dt
+    return {
+        "step": run.step,
+        "loss": float(sums[0]) / n,
+        **metrics_from_counts(counts, [float(x) / n for x in sums[2:]]),
+        "lr": lr,
+        "grad_norm": float(grad_norm),
+        "tokens": tokens,
+        "tokens_per_s": tokens / dt,
+        "elapsed_s": run.train_seconds,
+        "counts": counts,
+    }
+
+
+def save(run: Run, metrics: MetricsLog | None) -> Path:
+    state = {
+        "config": run.cfg.to_dict(),
+        "data": run.batches.state_dict(),
+        "tokens_seen": run.tokens_seen,
+        "train_seconds": run.train_seconds,
+    }
+    path = save_checkpoint(
+        run.out,
+        run.step,
+        run.model,
+        run.draft,
+        run.optimizer,
+        state,
+        run.cfg.keep_checkpoints,
+        run.ranks,
+    )
+    if metrics is not None:
+        metrics.sync()
+        plot_metrics(metrics.path, run.out / "metrics.png")
+    return path
+
+
+def train(cfg: TrainConfig, resume: bool | str = False) -> dict:
+    """Train a draft; returns a summary (on every rank). `resume`: True for the latest checkpoint
+    in cfg.out, or a path."""
+    cfg.validate()
+    ranks, device = distributed.setup(cfg.device)
+    try:
+        return _train(cfg, resume, ranks, device)
+    finally:
+        distributed.teardown()
+
+
+def _progress_bar(run: Run) -> tqdm:
+    """A time-boxed run shows its progress through the time budget, others through max_steps."""
+    cfg = run.cfg
     timed = cfg.max_minutes > 0
-    bar = tqdm(
+    return tqdm(
         total=round(cfg.max_minutes * 60) if timed else cfg.max_steps,
-        initial=int(train_seconds) if timed else step,
+        initial=int(run.train_seconds) if timed else run.step,
         desc="train",
         unit="s" if timed else "step",
-        disable=not cfg.progress,
+        disable=not (cfg.progress and run.ranks.is_main),
         dynamic_ncols=True,
         bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s [{elapsed}{postfix}]" if timed else None,
     )
 
-    def checkpoint():
-        state = {
-            "config": cfg.to_dict(),
-            "data": batches.state_dict(),
-            "tokens_seen": tokens_seen,
-            "train_seconds": train_seconds,
-        }
-        path = save_checkpoint(out, step, draft, optimizer, state, cfg.keep_checkpoints)
-        metrics.sync()
-        plot_metrics(metrics.path, out / "metrics.png")
-        return path
 
-    last_saved = step
+def _train(cfg: TrainConfig, where: bool | str, ranks: Ranks, device: torch.device) -> dict:
+    run = setup_run(cfg, ranks, device)
+    ckpt = resume_run(run, where) if where else None
+    main = ranks.is_main
+    metrics = None
+    if main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        metrics = MetricsLog(run.out, run.step if ckpt else None, cfg.tensorboard)
+        if ranks.distributed:
+            log.info(
+                "%d ranks, %s, %d micro-batch(es) per rank per step",
+                ranks.world_size,
+                cfg.parallel,
+                cfg.grad_accum,
+            )
+    window = []  # recent per-step count tensors, for smoothed metrics in the bar and summary
+    timed = cfg.max_minutes > 0
+    bar = _progress_bar(run)
+    last_saved = run.step
     try:
-        while step < cfg.max_steps:
-            t0 = time.perf_counter()
-            counts, n_tokens, step_losses, loss_total = None, 0, None, 0.0
-            for _ in range(cfg.grad_accum):
-                batch = batches.next()
-                with autocast:
-                    res = ttt_unroll(draft, batch, cfg.ttt_steps, recompute=cfg.recompute)
-                (res.loss / cfg.grad_accum).backward()
-                c = ttt_counts(res.correct, res.valid)
-                counts = c if counts is None else counts + c
-                n_tokens += batch.num_tokens
-                loss_total += float(res.loss.detach()) / cfg.grad_accum
-                sl = [x / cfg.grad_accum for x in res.step_losses]
-                step_losses = (
-                    sl if step_losses is None else [a + b for a, b in zip(step_losses, sl)]
-                )
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-            lr = set_lr()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            dt = time.perf_counter() - t0
-            step += 1
-            tokens_seen += n_tokens
-            train_seconds += dt
-            m = metrics_from_counts(counts, step_losses)
-            metrics.log(
-                {
-                    "step": step,
-                    "loss": loss_total,
-                    **m,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "tokens": n_tokens,
-                    "tokens_per_s": n_tokens / dt,
-                    "elapsed_s": train_seconds,
-                }
-            )
+        while run.step < cfg.max_steps:
+            record = train_step(run)
+            counts = record.pop("counts")
             window = (window + [counts])[-50:]
-            smooth = metrics_from_counts(sum(window))
-            bar.update(min(dt, bar.total - bar.n) if timed else 1)
-            bar.set_postfix(
-                step=step,
-                loss=f"{loss_total:.3f}",
-                acc0=f"{smooth['acc'][0]:.3f}",
-                tau=f"{smooth['sim_accept_len']:.2f}",
-                tok_s=f"{tokens_seen / train_seconds:.0f}",
-            )
-            out_of_time = cfg.max_minutes > 0 and train_seconds >= cfg.max_minutes * 60
-            if step % cfg.save_every == 0 or step == cfg.max_steps or out_of_time:
-                checkpoint()
-                last_saved = step
+            if main:
+                metrics.log(record)
+                smooth = metrics_from_counts(sum(window))
+                bar.update(min(record["elapsed_s"] - bar.n, bar.total - bar.n) if timed else 1)
+                bar.set_postfix(
+                    step=run.step,
+                    loss=f"{record['loss']:.3f}",
+                    acc0=f"{smooth['acc'][0]:.3f}",
+                    tau=f"{smooth['sim_accept_len']:.2f}",
+                    tok_s=f"{run.tokens_seen / run.train_seconds:.0f}",
+                )
+            out_of_time = timed and run.train_seconds >= cfg.max_minutes * 60
+            if run.step % cfg.save_every == 0 or run.step == cfg.max_steps or out_of_time:
+                save(run, metrics)
+                last_saved = run.step
             if out_of_time:
-                log.info("time budget of %.1f min reached at step %d", cfg.max_minutes, step)
+                log.info("time budget of %.1f min reached at step %d", cfg.max_minutes, run.step)
                 break
     except KeyboardInterrupt:
-        if step > last_saved:
-            log.warning("interrupted: saving step %d before exiting", step)
-            checkpoint()
+        # Only a single process saves here: under torchrun the other ranks may already be gone.
+        if run.step > last_saved and not ranks.distributed:
+            log.warning("interrupted: saving step %d before exiting", run.step)
+            save(run, metrics)
         raise
     finally:
         bar.close()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
 
     smooth = metrics_from_counts(sum(window)) if window else {}
     summary = {
-        "steps": step,
-        "tokens": tokens_seen,
-        "train_seconds": round(train_seconds, 1),
-        "tokens_per_s": round(tokens_seen / max(train_seconds, 1e-9), 1),
-        "checkpoint": str(latest_checkpoint(out)),
+        "steps": run.step,
+        "tokens": run.tokens_seen,
+        "train_seconds": round(run.train_seconds, 1),
+        "tokens_per_s": round(run.tokens_seen / max(run.train_seconds, 1e-9), 1),
+        "checkpoint": str(latest_checkpoint(run.out)),
         **{f"recent_{k}": v for k, v in smooth.items()},
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if main:
+        (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
