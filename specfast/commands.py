@@ -83,6 +83,20 @@ def _prepare_arguments(s: argparse.ArgumentParser) -> None:
         "--regen-max-new-tokens", type=int, default=512, help="max tokens per regenerated turn"
     )
     s.add_argument("--device", default="cpu", help="device for --regenerate (default cpu)")
+    s.add_argument(
+        "--regenerate-url",
+        help="regenerate through this OpenAI-compatible server (e.g. `vllm serve` at "
+        "http://localhost:8000) instead of in process; implies --regenerate",
+    )
+    s.add_argument(
+        "--regenerate-model", help="model name on that server (default: the one it serves)"
+    )
+    s.add_argument(
+        "--concurrency",
+        type=int,
+        default=16,
+        help="conversations in flight on the server (default 16)",
+    )
     _no_progress(s)
 
 
@@ -99,11 +113,15 @@ def _prepare(a) -> int:
         with open(a.chat_template) as f:
             template = f.read()
     regen = None
-    if a.regenerate:
+    if a.regenerate and not a.regenerate_url:
         regen = load_target(a.target, device=resolve_device(a.device))
         tok = regen.tokenizer
     else:
         tok = AutoTokenizer.from_pretrained(resolve_target_path(a.target))
+    if a.regenerate_url:
+        from specfast.data.regenerate import ServerGenerator
+
+        regen = ServerGenerator(a.regenerate_url, tok, a.regenerate_model, template)
     stats = prepare(
         inputs,
         a.out,
@@ -120,6 +138,9 @@ def _prepare(a) -> int:
             "temperature": a.temperature,
             "batch_size": a.regen_batch,
             "max_new_tokens": a.regen_max_new_tokens,
+            "concurrency": a.concurrency,
+            "chat_template": template,
+            "progress": not a.no_progress,
         },
         progress=not a.no_progress,
     )

@@ -1,13 +1,34 @@
 """`prepare --regenerate`: replace each assistant turn by the target's own answer to the same
-context, so the draft learns the distribution it will be asked to predict. Batched over
-conversations, turn by turn; finished conversations are appended to a JSONL file, so a killed run
-resumes where it stopped."""
+context, so the draft learns the distribution it will be asked to predict. System and user turns
+are kept; each answer is generated with the earlier regenerated answers in its context.
+
+Two ways to generate:
+    a TargetModel (HF, in process)   batched over conversations, turn by turn; for small targets.
+    ServerGenerator (--regenerate-url)  an OpenAI-compatible server (`vllm serve`): many
+                                     conversations in flight at once, retries with backoff on
+                                     5xx / 429 / timeouts / dropped connections.
+
+Either way finished conversations are appended to a JSONL file ({"source", "messages"}, one per
+line, flushed and fsync'd), so a killed run resumes where it stopped; a torn last line is cut off
+and redone. Before generating, the server is checked: reachable, serving the model asked for, and
+rendering + tokenising a probe conversation exactly as `prepare` does (vLLM's /tokenize), so the
+answers come from the same model under the same chat template.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import random
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+import zlib
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from http.client import HTTPException
 from pathlib import Path
 
 import torch
@@ -19,14 +40,184 @@ from .chat import encode_prompt
 
 log = logging.getLogger("specfast")
 
+RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+PROBE = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Name three prime numbers, then say why 1 is not one."},
+    {"role": "assistant", "content": "2, 3 and 5. One has a single divisor."},
+    {"role": "user", "content": "And 0?"},
+]
 
-def _answers(
-    target, wheres: list[str], contexts: list[list[dict]], temperature: float, max_new_tokens: int
-) -> list[str]:
-    tok = target.tokenizer
-    prompts = [encode_prompt(tok, m, w) for w, m in zip(wheres, contexts)]
-    answers = target.generate(prompts, max_new_tokens, temperature)
-    return [tok.decode(ids, skip_special_tokens=True).strip() for ids in answers]
+
+class ServerError(RuntimeError):
+    """The server failed a request for good (after retries, or a reply that cannot be used)."""
+
+
+class ServerGenerator:
+    """Answers through an OpenAI-compatible chat-completions server. `tokenizer` (the target's)
+    and `chat_template` are what `prepare` renders with; `check()` holds the server to them."""
+
+    def __init__(
+        self,
+        url: str,
+        tokenizer,
+        model: str | None = None,
+        chat_template: str | None = None,
+        timeout: float = 600.0,
+        retries: int = 6,
+        backoff: float = 1.0,
+    ):
+        base = url.rstrip("/")
+        if base.endswith("/v1"):
+            base = base[: -len("/v1")]
+        if not base.startswith(("http://", "https://")):
+            raise ValueError(f"--regenerate-url {url!r}: expected http://HOST:PORT")
+        self.base, self.tokenizer, self.model = base, tokenizer, model
+        self.chat_template, self.timeout = chat_template, timeout
+        self.retries, self.backoff = retries, backoff
+
+    # -- HTTP ---------------------------------------------------------------------------------
+
+    def _once(self, method: str, path: str, body: dict | None) -> tuple[int, dict | str]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(
+            self.base + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                return r.status, json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            text = e.read().decode(errors="replace")
+            try:
+                text = json.loads(text)
+            except ValueError:
+                pass
+            return e.code, text
+
+    def request(self, method: str, path: str, body: dict | None = None, retry: bool = True):
+        """(status, reply). Retries with exponential backoff (and jitter) on the statuses in
+        RETRY_STATUS and on timeouts / refused or dropped connections; other statuses return."""
+        attempts = self.retries + 1 if retry else 1
+        for attempt in range(attempts):
+            try:
+                status, reply = self._once(method, path, body)
+                if status not in RETRY_STATUS:
+                    return status, reply
+                why = f"HTTP {status}: {_message(reply)}"
+            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as e:
+                why = str(getattr(e, "reason", e))
+            except (HTTPException, json.JSONDecodeError) as e:
+                why = f"bad reply ({type(e).__name__}: {e})"
+            if attempt + 1 < attempts:
+                delay = self.backoff * 2**attempt * (1 + random.random() / 4)
+                log.warning(
+                    "%s%s: %s; retrying in %.1f s (%d/%d)",
+                    self.base,
+                    path,
+                    why,
+                    delay,
+                    attempt + 1,
+                    self.retries,
+                )
+                time.sleep(delay)
+        raise ServerError(f"{self.base}{path}: {why} (gave up after {attempts} attempt(s))")
+
+    # -- checks -------------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Reachable, serving the model, rendering and tokenising as `prepare` does."""
+        try:
+            status, reply = self.request("GET", "/v1/models", retry=False)
+        except ServerError as e:
+            raise ValueError(
+                f"cannot reach the regeneration server at {self.base} ({e}); start one, e.g. "
+                "`vllm serve MODEL --dtype float32`, and pass its address to --regenerate-url"
+            ) from None
+        if status != 200 or not isinstance(reply, dict) or "data" not in reply:
+            raise ValueError(
+                f"{self.base}/v1/models answered {status} ({_message(reply)}): not an "
+                "OpenAI-compatible server"
+            )
+        served = [m.get("id") for m in reply["data"]]
+        if self.model is None:
+            if len(served) != 1:
+                raise ValueError(
+                    f"{self.base} serves {served}; name the one to use with --regenerate-model"
+                )
+            self.model = served[0]
+        elif self.model not in served:
+            raise ValueError(
+                f"{self.base} serves {served}, not {self.model!r} (--regenerate-model)"
+            )
+        body = {"model": self.model, "messages": PROBE, "add_generation_prompt": True}
+        if self.chat_template is not None:
+            body["chat_template"] = self.chat_template
+        status, reply = self.request("POST", "/tokenize", body)
+        if status == 404:
+            log.warning(
+                "%s has no /tokenize endpoint: cannot check that %s tokenises and templates "
+                "as the target does",
+                self.base,
+                self.model,
+            )
+            return
+        if status != 200 or not isinstance(reply, dict) or "tokens" not in reply:
+            raise ValueError(f"{self.base}/tokenize answered {status}: {_message(reply)}")
+        ours = encode_prompt(self.tokenizer, PROBE, "probe conversation", self.chat_template)
+        theirs = list(reply["tokens"])
+        if theirs != ours:
+            i = next((j for j, (a, b) in enumerate(zip(theirs, ours)) if a != b), None)
+            i = min(len(theirs), len(ours)) if i is None else i
+            raise ValueError(
+                f"{self.base} serves {self.model!r}, which renders and tokenises a probe "
+                f"conversation differently from the target's tokenizer and chat template "
+                f"({len(theirs)} vs {len(ours)} tokens, first difference at token {i}): "
+                "another model, or another chat template"
+            )
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def answer(self, messages: list[dict], temperature: float, max_new_tokens: int, seed: int):
+        """The assistant's answer to `messages`, or raises ServerError / ContextError."""
+        body = {
+            "model": self.model,
+            "messages": messages,
+            "max_tokens": max_new_tokens,
+            "temperature": temperature,
+        }
+        if temperature > 0:
+            body["seed"] = seed
+        if self.chat_template is not None:
+            body["chat_template"] = self.chat_template
+        status, reply = self.request("POST", "/v1/chat/completions", body)
+        if status == 400:  # e.g. the context is longer than the server's max_model_len
+            raise RejectedError(_message(reply))
+        if status != 200:
+            raise ServerError(
+                f"{self.base}/v1/chat/completions answered {status}: {_message(reply)}"
+            )
+        try:
+            return (reply["choices"][0]["message"]["content"] or "").strip()
+        except (KeyError, IndexError, TypeError):
+            raise ServerError(
+                f"{self.base}/v1/chat/completions: no choices[0].message.content in {reply!r:.200}"
+            ) from None
+
+
+class RejectedError(Exception):
+    """The server refused one conversation (HTTP 400): that conversation stops there."""
+
+
+def _message(reply) -> str:
+    if isinstance(reply, dict):
+        err = reply.get("error", reply.get("message", reply))
+        if isinstance(err, dict):
+            err = err.get("message", err)
+        return str(err)[:300]
+    return str(reply)[:300]
+
+
+# -- the append-only log ------------------------------------------------------------------------
 
 
 def _resume(path: Path) -> dict[str, list[dict]]:
@@ -45,8 +236,20 @@ def _resume(path: Path) -> dict[str, list[dict]]:
             break
         kept += len(line)
     if kept < len(text):
+        log.warning("%s: cut off a torn last line (%d bytes); it is redone", path, len(text) - kept)
         atomic_write(path, text[:kept])
     return done
+
+
+def _append(f, record: dict) -> None:
+    # An append-only log, not a replaced file: each finished conversation is made durable.
+    f.write(json.dumps(record) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _split(msgs: list[dict]) -> tuple[list[dict], list[dict]]:
+    return [m for m in msgs if m["role"] == "system"], [m for m in msgs if m["role"] == "user"]
 
 
 def regenerate(
@@ -57,35 +260,124 @@ def regenerate(
     batch_size: int = 8,
     max_new_tokens: int = 512,
     seed: int = 0,
+    concurrency: int = 16,
+    chat_template: str | None = None,
+    progress: bool = True,
 ) -> list[tuple[str, list[dict]]]:
+    """The conversations with their assistant turns regenerated by `target` (a TargetModel, or a
+    ServerGenerator), resuming from `path`. `batch_size`: conversations per HF generate call;
+    `concurrency`: conversations in flight on a server."""
+    path = Path(path)
     done = _resume(path) if path.exists() else {}
-    if path.exists():
+    if done:
         log.info("regenerate: resuming, %d of %d conversations already done", len(done), len(convs))
     todo = [(w, m) for w, m in convs if w not in done]
+    if isinstance(target, ServerGenerator):
+        if concurrency < 1:
+            raise ValueError(f"--concurrency must be ≥ 1, not {concurrency}")
+        if target.chat_template is None:
+            target.chat_template = chat_template
+        target.check()
+        _with_server(
+            target, todo, done, path, temperature, max_new_tokens, seed, concurrency, progress
+        )
+    else:
+        if batch_size < 1:
+            raise ValueError(f"--regen-batch must be ≥ 1, not {batch_size}")
+        _with_model(
+            target,
+            todo,
+            done,
+            path,
+            temperature,
+            batch_size,
+            max_new_tokens,
+            seed,
+            chat_template,
+            progress,
+        )
+    return [(w, done[w]) for w, _ in convs]
+
+
+def _with_model(
+    target, todo, done, path, temperature, batch_size, max_new_tokens, seed, template, progress
+):
+    tok = target.tokenizer
     torch.manual_seed(seed)
     with open(path, "a") as f:
-        for start in tqdm(range(0, len(todo), batch_size), desc="regenerate", unit="batch"):
+        for start in tqdm(
+            range(0, len(todo), batch_size), desc="regenerate", unit="batch", disable=not progress
+        ):
             batch = todo[start : start + batch_size]
-            # Keep system and user turns; the answers become the target's own, one turn at a time.
-            new = [[m for m in msgs if m["role"] == "system"] for _, msgs in batch]
-            users = [[m for m in msgs if m["role"] == "user"] for _, msgs in batch]
+            new, users = zip(*(_split(msgs) for _, msgs in batch))
+            new = [list(n) for n in new]
             for turn in range(max(len(u) for u in users)):
                 active = [i for i, u in enumerate(users) if turn < len(u)]
                 for i in active:
                     new[i].append(users[i][turn])
-                answers = _answers(
-                    target,
-                    [batch[i][0] for i in active],
-                    [new[i] for i in active],
-                    temperature,
-                    max_new_tokens,
-                )
-                for i, ans in zip(active, answers):
-                    new[i].append({"role": "assistant", "content": ans})
+                prompts = [encode_prompt(tok, new[i], batch[i][0], template) for i in active]
+                answers = target.generate(prompts, max_new_tokens, temperature)
+                for i, ids in zip(active, answers):
+                    text = tok.decode(ids, skip_special_tokens=True).strip()
+                    new[i].append({"role": "assistant", "content": text})
             for (where, _), msgs in zip(batch, new):
                 done[where] = msgs
-                f.write(json.dumps({"source": where, "messages": msgs}) + "\n")
-            # An append-only log, not a replaced file: each finished batch is made durable.
-            f.flush()
-            os.fsync(f.fileno())
-    return [(w, done[w]) for w, _ in convs]
+                _append(f, {"source": where, "messages": msgs})
+
+
+def _with_server(
+    server, todo, done, path, temperature, max_new_tokens, seed, concurrency, progress
+):
+    stop = threading.Event()
+    rejected = [0]
+
+    def one(where: str, msgs: list[dict]) -> tuple[str, dict]:
+        new, users = _split(msgs)
+        for turn, user in enumerate(users):
+            if stop.is_set():
+                raise ServerError("stopped")
+            new.append(user)
+            try:
+                # A seed per conversation and turn, the same however the run was resumed.
+                turn_seed = (seed + zlib.crc32(f"{where}#{turn}".encode())) % 2**31
+                ans = server.answer(new, temperature, max_new_tokens, turn_seed)
+            except RejectedError as e:  # keep the turns answered so far; no assistant turn: skipped
+                new.pop()
+                return where, {"source": where, "messages": new, "rejected": str(e)}
+            new.append({"role": "assistant", "content": ans})
+        return where, {"source": where, "messages": new}
+
+    bar = tqdm(total=len(todo), desc="regenerate", unit="conv", disable=not progress)
+    with open(path, "a") as f, ThreadPoolExecutor(max_workers=concurrency) as pool:
+        futures = [pool.submit(one, w, m) for w, m in todo]
+        pending = set(futures)
+        try:
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                failed = [fut for fut in finished if fut.exception() is not None]
+                for fut in finished:
+                    if fut.exception() is not None:
+                        continue
+                    where, record = fut.result()
+                    _append(f, record)  # only this thread writes
+                    done[where] = record["messages"]
+                    if "rejected" in record:
+                        rejected[0] += 1
+                        if rejected[0] <= 5:
+                            log.warning(
+                                "%s: the server refused a turn (%s)", where, record["rejected"]
+                            )
+                    bar.update(1)
+                if failed:  # the finished conversations are kept; the rest is redone on resume
+                    raise failed[0].exception()
+        except BaseException:
+            stop.set()
+            for fut in pending:
+                fut.cancel()
+            raise
+        finally:
+            bar.close()
+    if rejected[0]:
+        log.warning(
+            "the server refused %d conversation(s) part-way; kept their answered turns", rejected[0]
+        )

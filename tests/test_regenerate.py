@@ -1,0 +1,372 @@
+"""`prepare --regenerate` (specfast/data/regenerate.py): through a tiny in-process server that
+speaks the chat-completions API (concurrency, retries, resume after a kill, bad or wrong servers),
+and in process through an HF target."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from specfast.data.chat import encode_prompt
+from specfast.data.regenerate import ServerError, ServerGenerator, regenerate
+
+
+class FakeServer:
+    """Chat completions answered instantly (or after `delay`), the answer naming the context it saw:
+    "a<number of assistant turns so far> <last user turn reversed>"."""
+
+    def __init__(
+        self,
+        tokenizer,
+        model="tiny",
+        *,
+        delay=0.0,
+        fail_first=0,
+        fail_status=503,
+        wrong_tokens=False,
+        tokenize=True,
+        too_long_word=None,
+    ):
+        self.tokenizer, self.model, self.delay = tokenizer, model, delay
+        self.fail_left, self.fail_status = fail_first, fail_status
+        self.wrong_tokens, self.tokenize, self.too_long_word = wrong_tokens, tokenize, too_long_word
+        self.lock = threading.Lock()
+        self.completions = self.inflight = self.max_inflight = 0
+        self.bodies = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def reply(self, status, obj):
+                data = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                if self.path == "/v1/models":
+                    return self.reply(200, {"object": "list", "data": [{"id": server.model}]})
+                self.reply(404, {"error": {"message": "not found"}})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path == "/tokenize" and server.tokenize:
+                    ids = encode_prompt(
+                        server.tokenizer, body["messages"], "srv", body.get("chat_template")
+                    )
+                    if server.wrong_tokens:
+                        ids = ids[:5] + [ids[5] + 1] + ids[6:]
+                    return self.reply(200, {"tokens": ids, "count": len(ids)})
+                if self.path != "/v1/chat/completions":
+                    return self.reply(404, {"error": {"message": "not found"}})
+                with server.lock:
+                    server.bodies.append(body)
+                    if server.fail_left > 0:
+                        server.fail_left -= 1
+                        return self.reply(server.fail_status, {"error": {"message": "busy"}})
+                    server.inflight += 1
+                    server.max_inflight = max(server.max_inflight, server.inflight)
+                try:
+                    time.sleep(server.delay)
+                    msgs = body["messages"]
+                    if body["model"] != server.model:
+                        return self.reply(404, {"error": {"message": "no such model"}})
+                    last = msgs[-1]["content"]
+                    if server.too_long_word and server.too_long_word in last:
+                        return self.reply(400, {"error": {"message": "context too long"}})
+                    n = sum(m["role"] == "assistant" for m in msgs)
+                    text = f"a{n} " + " ".join(reversed(last.split()))
+                    with server.lock:
+                        server.completions += 1
+                    self.reply(
+                        200,
+                        {
+                            "choices": [
+                                {
+                                    "index": 0,
+                                    "message": {"role": "assistant", "content": text},
+                                    "finish_reason": "stop",
+                                }
+                            ]
+                        },
+                    )
+                finally:
+                    with server.lock:
+                        server.inflight -= 1
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_target_dir):
+    return AutoTokenizer.from_pretrained(tiny_target_dir)
+
+
+def _convs(n=12):
+    out = []
+    for i in range(n):
+        msgs = [{"role": "system", "content": "be brief"}] if i % 3 == 0 else []
+        for t in range(1 + i % 3):
+            msgs += [
+                {"role": "user", "content": f"question {i} part {t} here"},
+                {"role": "assistant", "content": "an answer from elsewhere"},
+            ]
+        out.append((f"conv{i}", msgs))
+    return out
+
+
+def _expected(msgs):
+    new = [m for m in msgs if m["role"] == "system"]
+    for n, u in enumerate(m for m in msgs if m["role"] == "user"):
+        new += [
+            u,
+            {"role": "assistant", "content": f"a{n} " + " ".join(reversed(u["content"].split()))},
+        ]
+    return new
+
+
+def _lines(path):
+    return [json.loads(ln) for ln in Path(path).read_text().splitlines()]
+
+
+def test_server_concurrency_context_and_log(tok, tmp_path):
+    convs = _convs()
+    with FakeServer(tok, delay=0.05) as srv:
+        gen = ServerGenerator(srv.url + "/v1/", tok)  # the /v1 suffix is accepted
+        out = regenerate(
+            gen, convs, tmp_path / "r.jsonl", concurrency=4, max_new_tokens=7, progress=False
+        )
+    assert [w for w, _ in out] == [w for w, _ in convs]
+    for (_, got), (_, msgs) in zip(out, convs):
+        assert got == _expected(msgs)  # later turns see the regenerated earlier answers
+    assert 2 <= srv.max_inflight <= 4
+    assert srv.completions == sum(1 + i % 3 for i in range(12))
+    assert all(
+        b["max_tokens"] == 7 and b["temperature"] == 0.0 and b["model"] == "tiny"
+        for b in srv.bodies
+    )
+    lines = _lines(tmp_path / "r.jsonl")
+    assert sorted(r["source"] for r in lines) == sorted(w for w, _ in convs)
+
+
+def test_retries_on_5xx_then_succeeds(tok, tmp_path):
+    with FakeServer(tok, fail_first=3) as srv:
+        gen = ServerGenerator(srv.url, tok, backoff=0.01)
+        out = regenerate(gen, _convs(2), tmp_path / "r.jsonl", concurrency=1, progress=False)
+    assert out[0][1] == _expected(_convs(2)[0][1])
+    assert len(srv.bodies) == srv.completions + 3
+
+
+def test_gives_up_after_retries_and_keeps_what_finished(tok, tmp_path):
+    with FakeServer(tok, fail_first=10**6, fail_status=500) as srv:
+        gen = ServerGenerator(srv.url, tok, retries=2, backoff=0.01)
+        with pytest.raises(ServerError, match="HTTP 500.*3 attempt"):
+            regenerate(gen, _convs(3), tmp_path / "r.jsonl", concurrency=2, progress=False)
+    assert (tmp_path / "r.jsonl").read_text() == ""
+
+
+def test_timeouts_are_retried(tok, tmp_path):
+    with FakeServer(tok, delay=0.5) as srv:
+        gen = ServerGenerator(srv.url, tok, timeout=0.2, retries=1, backoff=0.01)
+        with pytest.raises(ServerError, match="timed out"):
+            regenerate(gen, _convs(1), tmp_path / "r.jsonl", concurrency=1, progress=False)
+        assert len(srv.bodies) == 2
+
+
+def test_a_refused_conversation_keeps_its_answered_turns(tok, tmp_path):
+    convs = [
+        (
+            "c",
+            [
+                {"role": "user", "content": "fine"},
+                {"role": "assistant", "content": "x"},
+                {"role": "user", "content": "LONG one"},
+                {"role": "assistant", "content": "y"},
+            ],
+        )
+    ]
+    with FakeServer(tok, too_long_word="LONG") as srv:
+        out = regenerate(ServerGenerator(srv.url, tok), convs, tmp_path / "r.jsonl", progress=False)
+    assert out[0][1] == [
+        {"role": "user", "content": "fine"},
+        {"role": "assistant", "content": "a0 fine"},
+    ]
+    assert "context too long" in _lines(tmp_path / "r.jsonl")[0]["rejected"]
+
+
+def test_bad_servers_give_clear_errors(tok, tmp_path):
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    with pytest.raises(ValueError, match="cannot reach the regeneration server"):
+        ServerGenerator(f"http://127.0.0.1:{port}", tok).check()
+    with pytest.raises(ValueError, match="expected http"):
+        ServerGenerator("localhost:8000", tok)
+    with FakeServer(tok, model="other-model") as srv:
+        with pytest.raises(ValueError, match="serves \\['other-model'\\], not 'smollm2'"):
+            ServerGenerator(srv.url, tok, model="smollm2").check()
+    with FakeServer(tok, wrong_tokens=True) as srv:
+        with pytest.raises(ValueError, match="tokenises a probe conversation differently"):
+            regenerate(ServerGenerator(srv.url, tok), _convs(1), tmp_path / "r.jsonl")
+        assert srv.completions == 0
+    with FakeServer(tok, tokenize=False) as srv:  # no /tokenize: checked by name only, warned
+        ServerGenerator(srv.url, tok).check()
+    # A chat template of our own reaches the server (and its check) too.
+    template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    with FakeServer(tok) as srv:
+        regenerate(
+            ServerGenerator(srv.url, tok),
+            _convs(1),
+            tmp_path / "t.jsonl",
+            chat_template=template,
+            progress=False,
+        )
+        assert srv.bodies[0]["chat_template"] == template
+
+
+_CHILD = """
+import json, sys
+from transformers import AutoTokenizer
+from specfast.data.regenerate import ServerGenerator, regenerate
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+convs = [tuple(c) for c in json.load(open(sys.argv[3]))]
+regenerate(ServerGenerator(sys.argv[2], tok), convs, sys.argv[4], concurrency=2, progress=False)
+"""
+
+
+def test_resume_after_kill_redoes_only_what_is_missing(tok, tiny_target_dir, tmp_path):
+    convs = _convs(16)
+    (tmp_path / "convs.json").write_text(json.dumps(convs))
+    out = tmp_path / "r.jsonl"
+    with FakeServer(tok, delay=0.15) as srv:
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _CHILD,
+                str(tiny_target_dir),
+                srv.url,
+                str(tmp_path / "convs.json"),
+                str(out),
+            ],
+            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        )
+        deadline = time.time() + 120
+        while time.time() < deadline and child.poll() is None:
+            if out.exists() and len(out.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    before = _lines(out)
+    assert 3 <= len(before) < 16, "the kill should land mid-run"
+    with open(out, "a") as f:  # and a torn line, as a kill mid-write leaves
+        f.write('{"source": "conv15", "messa')
+    left = [c for c in convs if c[0] not in {r["source"] for r in before}]
+    with FakeServer(tok) as srv:
+        got = regenerate(ServerGenerator(srv.url, tok), convs, out, concurrency=3, progress=False)
+    assert srv.completions == sum(sum(m["role"] == "user" for m in msgs) for _, msgs in left)
+    assert [m for _, m in got] == [_expected(msgs) for _, msgs in convs]
+    lines = _lines(out)  # every line whole, every conversation once
+    assert sorted(r["source"] for r in lines) == sorted(w for w, _ in convs)
+
+
+def test_hf_target_path_batches_and_resumes(tiny_target_dir, tmp_path):
+    from specfast.targets import load_target
+
+    target = load_target(str(tiny_target_dir), device="cpu")
+    calls = []
+
+    class Counting:
+        tokenizer = target.tokenizer
+
+        def generate(self, prompts, max_new_tokens, temperature):
+            calls.append(len(prompts))
+            return target.generate(prompts, max_new_tokens, temperature)
+
+    convs = _convs(3)
+    out = regenerate(Counting(), convs, tmp_path / "r.jsonl", batch_size=2, max_new_tokens=4)
+    # conv0 has 1 user turn, conv1 2, conv2 3: batch 1 is turn 0 of both then turn 1 of conv1;
+    # batch 2 is conv2 alone, turn by turn.
+    assert calls == [2, 1, 1, 1, 1]
+    for (_, got), (_, msgs) in zip(out, convs):
+        assert [m for m in got if m["role"] != "assistant"] == [
+            m for m in msgs if m["role"] != "assistant"
+        ]
+        first_prompt = encode_prompt(
+            target.tokenizer, got[: got.index(next(m for m in got if m["role"] == "user")) + 1], "t"
+        )
+        ids = target.generate([first_prompt], 4, 0.0)[0]
+        answer = target.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        assert next(m for m in got if m["role"] == "assistant")["content"] == answer
+    calls.clear()
+    again = regenerate(Counting(), convs, tmp_path / "r.jsonl", batch_size=2, max_new_tokens=4)
+    assert calls == [] and again == out
+
+
+def test_prepare_command_through_a_server(tiny_target_dir, tiny_chat_jsonl, tok, tmp_path):
+    from specfast.cli import main
+    from specfast.data.prepared import PreparedData
+
+    with FakeServer(tok) as srv:
+        rc = main(
+            [
+                "prepare",
+                "--input",
+                str(tiny_chat_jsonl),
+                "--out",
+                str(tmp_path / "p"),
+                "--target",
+                str(tiny_target_dir),
+                "--heldout",
+                "4",
+                "--limit",
+                "10",
+                "--draft-vocab-size",
+                "32",
+                "--regenerate-url",
+                srv.url,
+                "--concurrency",
+                "3",
+                "--no-progress",
+            ]
+        )
+    assert rc == 0
+    assert srv.max_inflight >= 2
+    data = PreparedData.load(tmp_path / "p")
+    assert data.meta["regenerated"] is True
+    lines = _lines(tmp_path / "p" / "regenerated.jsonl")
+    assert len(lines) == 10 and all(
+        m["content"].startswith("a")
+        for r in lines
+        for m in r["messages"]
+        if m["role"] == "assistant"
+    )
