@@ -178,11 +178,13 @@ def _train_arguments(s: argparse.ArgumentParser) -> None:
 
 def _train(a) -> int:
     from specfast.train.config import build_config
+    from specfast.train.distributed import ranks_from_env
     from specfast.train.trainer import train
 
     cfg = build_config(a, a.config)
     summary = train(cfg, resume=a.resume if a.resume != "latest" else True)
-    print(json.dumps(summary))
+    if ranks_from_env().is_main:  # under torchrun every rank returns it; rank 0 prints it
+        print(json.dumps(summary))
     return 0
 
 

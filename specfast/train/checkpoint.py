@@ -16,9 +16,11 @@ A folder written by specfast before DCP (optimizer.pt, rng.pt) still resumes on 
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import random
 import shutil
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -73,6 +75,14 @@ def _dcp_state(model, optimizer) -> dict:
     return {"model": model_sd, "optim": optim_sd}
 
 
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns that it assumes a single process when there is no process group: it is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _full_draft(model, draft) -> SimpleNamespace:
     """The whole draft's tensors on rank 0 (an all-gather under FSDP2), shaped for
     save_draft_weights; other ranks get an empty dict."""
@@ -100,11 +110,12 @@ def save_checkpoint(
         full = _full_draft(model, draft)
         import torch.distributed.checkpoint as dcp
 
-        dcp.save(
-            _dcp_state(model, optimizer),
-            checkpoint_id=tmp / DCP_DIR,
-            no_dist=not dist.is_initialized(),
-        )
+        with _single_process_quiet():
+            dcp.save(
+                _dcp_state(model, optimizer),
+                checkpoint_id=tmp / DCP_DIR,
+                no_dist=not dist.is_initialized(),
+            )
         torch.save(rng_state(), tmp / f"rng_{ranks.rank}.pt")
         if ranks.is_main:
             save_draft_weights(full, tmp)
@@ -135,7 +146,8 @@ def load_checkpoint(ckpt: Path, model, draft, optimizer, ranks: Ranks = SINGLE) 
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         sd = _dcp_state(model, optimizer)
-        dcp.load(sd, checkpoint_id=ckpt / DCP_DIR, no_dist=not dist.is_initialized())
+        with _single_process_quiet():
+            dcp.load(sd, checkpoint_id=ckpt / DCP_DIR, no_dist=not dist.is_initialized())
         set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     else:  # written before DCP: whole optimizer state of one process
         if ranks.distributed:
