@@ -196,12 +196,23 @@ def _export_arguments(s: argparse.ArgumentParser) -> None:
         "checkpoint", help="a checkpoint folder, or a training run folder (its latest checkpoint)"
     )
     s.add_argument("--out", required=True, help="export folder (replaced atomically)")
+    s.add_argument(
+        "--format",
+        default="vllm",
+        choices=["vllm", "sglang", "speculators"],
+        help="vllm / sglang (one layout loads in both; default) or the speculators layout",
+    )
+    s.add_argument(
+        "--verifier",
+        default=None,
+        help="target name or path for the speculators config (default: the run's target)",
+    )
 
 
 def _export(a) -> int:
     from specfast.export import export_draft
 
-    out = export_draft(a.checkpoint, a.out)
+    out = export_draft(a.checkpoint, a.out, fmt=a.format, verifier=a.verifier)
     log.info("exported %s -> %s", a.checkpoint, out)
     print(str(out))
     return 0

@@ -15,7 +15,7 @@ from specfast.model.checkpoint_files import save_draft_weights
 from specfast.model.load import load_draft, new_draft
 from specfast.targets import HFTarget
 
-COMMANDS = {"prepare", "train", "export", "demo", "capture", "eval"}
+COMMANDS = {"prepare", "train", "export", "demo", "capture", "eval", "convert"}
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:

@@ -1,6 +1,8 @@
-"""Every way a draft comes into being: `new_draft` builds a fresh one from the target (training),
-`read_draft` reads stored weights (an export folder, a training checkpoint, or a run folder's latest
-checkpoint) and `load_draft` makes them a ready draft beside the target they were trained on (eval).
+"""Every way a draft comes into being: `new_draft` builds one for training (fresh from the
+target, or continuing a published draft: `init_from`), `read_draft` reads stored weights (an
+export folder in the vLLM/SGLang or speculators layout, SpecForge's export, a training checkpoint,
+or a run folder's latest checkpoint) and `load_draft` makes them a ready draft beside the target
+they were trained on (eval).
 
 Stored weights are checked against their config before use (`check_draft_tensors`): names, shapes,
 finite values, vocabulary maps and aux layers, so a bad checkpoint fails by name, not mid-decode.
@@ -9,8 +11,11 @@ finite values, vocabulary maps and aux layers, so a bad checkpoint fails by name
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from specfast.conventions import check_aux_layer_ids
@@ -18,13 +23,37 @@ from specfast.conventions import check_aux_layer_ids
 from .checkpoint_files import DRAFT_FILE, load_draft_weights, resolve_checkpoint
 from .config import DraftConfig, DraftFormatError
 from .draft import Eagle3Draft
-from .export_format import CONFIG_FILE, WEIGHTS_FILE, config_from_export
+from .export_format import (
+    CONFIG_FILE,
+    SPECULATORS_LAYER,
+    WEIGHTS_FILE,
+    config_from_export,
+    config_from_speculators,
+    is_speculators_config,
+)
+
+log = logging.getLogger("specfast")
 
 
-def new_draft(target, vocab, init_from_target: bool, device: torch.device) -> Eagle3Draft:
-    """A fresh draft shaped after `target` over `vocab` (a DraftVocab), sharing its embeddings;
-    `init_from_target` starts lm_head and norm from the target's own."""
-    cfg = DraftConfig.from_target(target.hf_config, vocab.size, target.aux_layer_ids)
+def new_draft(
+    target,
+    vocab,
+    init_from_target: bool,
+    device: torch.device,
+    init_from: str | Path | None = None,
+) -> Eagle3Draft:
+    """A draft for training over `vocab` (a DraftVocab), sharing `target`'s embeddings.
+
+    Fresh (shaped after `target`; `init_from_target` starts lm_head and norm from the target's
+    own), or, with `init_from`, continuing a published draft (see `read_draft`): its shape and
+    weights, its lm_head rows moved onto `vocab`'s draft ids (ids it lacks keep the fresh start).
+    A draft made for another target (vocabulary, width, depth or aux layers) is refused."""
+    if not init_from:
+        cfg = DraftConfig.from_target(target.hf_config, vocab.size, target.aux_layer_ids)
+    else:
+        tensors, published = read_draft(init_from, default_aux_layer_ids=target.aux_layer_ids)
+        check_matches_target(published, target, f"--init-from {init_from}")
+        cfg = replace(published, draft_vocab_size=vocab.size, extra={})
     draft = Eagle3Draft(cfg).to(device)
     draft.set_vocab(vocab.draft_ids)
     draft.attach_target(
@@ -32,7 +61,33 @@ def new_draft(target, vocab, init_from_target: bool, device: torch.device) -> Ea
         target.lm_head_weight() if init_from_target else None,
         target.final_norm_weight() if init_from_target else None,
     )
+    if init_from:
+        _continue_from(draft, tensors, str(init_from))
     return draft
+
+
+def _continue_from(draft: Eagle3Draft, tensors: dict, where: str) -> None:
+    """Copy a published draft's weights into `draft`; lm_head row by target token id (d2t)."""
+    src_ids = tensors["d2t"].long() + torch.arange(tensors["d2t"].numel())
+    dst_ids = draft.draft_ids.cpu()
+    # Positions of the shared target ids in each vocabulary (both sorted ascending).
+    shared = torch.from_numpy(np.intersect1d(src_ids.numpy(), dst_ids.numpy()))
+    src_rows = torch.searchsorted(src_ids, shared)
+    dst_rows = torch.searchsorted(dst_ids, shared)
+    state = {k: v for k, v in tensors.items() if k not in ("d2t", "t2d", "lm_head.weight")}
+    with torch.no_grad():
+        head = draft.lm_head.weight
+        head[dst_rows.to(head.device)] = tensors["lm_head.weight"][src_rows].to(head)
+        own = draft.state_dict()
+        for k, v in state.items():
+            own[k].copy_(v)
+    log.info(
+        "continuing %s: %d of %d draft tokens carried over (%d new)",
+        where,
+        len(shared),
+        len(dst_ids),
+        len(dst_ids) - len(shared),
+    )
 
 
 def check_draft_tensors(tensors: dict, cfg: DraftConfig, where: str) -> None:
@@ -79,8 +134,11 @@ def is_export(path: str | Path) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
 
 
-def read_export(folder: str | Path) -> tuple[dict, DraftConfig]:
-    """(tensors in fp32, config) of an export folder; checked."""
+def read_export(
+    folder: str | Path, default_aux_layer_ids: list[int] | None = None
+) -> tuple[dict, DraftConfig]:
+    """(tensors in fp32, config) of an export folder: ours, SpecForge's (the same layout, maybe
+    without aux layer ids: `default_aux_layer_ids` then), or the speculators layout; checked."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -88,21 +146,32 @@ def read_export(folder: str | Path) -> tuple[dict, DraftConfig]:
         raise FileNotFoundError(
             f"{folder}: not an EAGLE-3 export (needs {CONFIG_FILE} and {WEIGHTS_FILE})"
         )
-    cfg = config_from_export(
-        json.loads((folder / CONFIG_FILE).read_text()), str(folder / CONFIG_FILE)
-    )
+    where = str(folder / CONFIG_FILE)
+    try:
+        c = json.loads((folder / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise DraftFormatError(f"{where}: not valid JSON ({e})") from None
+    if is_speculators_config(c):
+        cfg = config_from_speculators(c, where)
+    else:
+        cfg = config_from_export(c, where, default_aux_layer_ids)
     tensors = load_file(str(folder / WEIGHTS_FILE))
     tensors.pop("embed_tokens.weight", None)  # other trainers may ship the target's embeddings
+    tensors = {k.replace(SPECULATORS_LAYER, "midlayer.", 1): v for k, v in tensors.items()}
     check_draft_tensors(tensors, cfg, str(folder))
     return {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items()}, cfg
 
 
-def read_draft(path: str | Path) -> tuple[dict, DraftConfig]:
+def read_draft(
+    path: str | Path, default_aux_layer_ids: list[int] | None = None
+) -> tuple[dict, DraftConfig]:
     """(tensors, config) from an export folder, a checkpoint folder or a training run folder."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"draft {path}: no such folder")
-    return read_export(path) if is_export(path) else read_checkpoint(path)
+    if is_export(path):
+        return read_export(path, default_aux_layer_ids)
+    return read_checkpoint(path)
 
 
 def check_matches_target(cfg: DraftConfig, target, where: str) -> None:
