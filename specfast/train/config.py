@@ -40,6 +40,9 @@ class TrainConfig:
     # Recompute each TTT step's layer in backward: stores a step's inputs, not its activations.
     recompute: bool = False
     init_from_target: bool = False  # start lm_head and norm from the target's own weights
+    # A published EAGLE-3 draft to continue (export folder: vLLM/SGLang, SpecForge or speculators
+    # layout; or a checkpoint / run folder); its lm_head follows the data's draft vocabulary.
+    init_from: str = ""
     fc_init: str = "aux_rms"  # aux_rms: scaled to the first batch's aux states | normal: std 0.02
     fc_init_rms: float = 0.5  # fc_init aux_rms: RMS of fc(aux) at the start
     eval_every: int = 0  # real speculative decoding on --eval-prompts every N steps; 0 = never
