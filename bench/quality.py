@@ -1,0 +1,243 @@
+"""Benchmark: draft quality per CPU budget. Each training recipe is trained for the same minutes on
+the same data, then its export is measured by real speculative decoding (`specfast eval`, greedy)
+on held-out prompts at K=3 and K=5. One table: τ per recipe and its ratio to today's defaults,
+training tokens/s, steps and the final per-step accuracies.
+
+    python bench/quality.py --quick                      # smoke run: tiny budget, not saved
+    python bench/quality.py --minutes 30                 # → bench/results/quality-<machine>.md
+    python bench/quality.py --variants defaults,all --onpolicy-data DIR
+
+Method. `specfast prepare` of the first --conversations ShareGPT conversations (plus --heldout
+held out; the data folder is reused across runs), then for each variant, one after another, each
+pinned to one core with one thread (bench/harness.run_command):
+    specfast train --max-minutes M --batch-tokens B ... <variant flags>
+    specfast export RUN --out RUN/export
+    specfast eval --draft RUN/export -k 3 (and -k 5) --no-baseline --threads 1
+The prompts are the held-out conversations' first user turns cut to 1000 characters (as
+`specfast demo` measures), answered up to --max-new-tokens. `defaults` pins today's recipe
+explicitly (lr 3e-4, 50 warmup steps of the old schedule, TTT 7, fc std 0.02), so it stays today's
+whatever the defaults become.
+
+A variant whose settings the trainer does not act on yet (no call of the building block or read of
+the field outside the modules that define them: WIRING) is listed as "not wired" instead of
+silently training as the defaults.
+On-policy data: a prepared folder whose answers the target regenerated (`specfast prepare
+--regenerate[-url]` with the same --limit and --heldout, so its held-out split is the same), given
+with --onpolicy-data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+WORK = Path.home() / ".cache" / "specfast-bench" / "quality"
+
+# Today's defaults, pinned, and the fixes of issue 11 one at a time and together.
+BASE = [
+    "--lr", "3e-4", "--warmup-steps", "50", "--ttt-steps", "7", "--min-lr-ratio", "0.1",
+    "--lr-schedule", "steps", "--fc-init", "normal",
+]  # fmt: skip
+FIXES = {
+    "fc_init": ["--fc-init", "aux_rms"],
+    "schedule": ["--lr-schedule", "fraction", "--warmup", "0.05"],
+    "lr": ["--lr", "1e-3"],
+    "ttt4": ["--ttt-steps", "4"],
+}
+# name -> (flags after BASE, config fields whose effect the variant measures, data: base|onpolicy)
+VARIANTS = {
+    "defaults": ([], [], "base"),
+    "demo-recipe": (["--lr", "1e-3", "--ttt-steps", "4", "--warmup-steps", "10"], [], "base"),
+    "fc-init": (FIXES["fc_init"], ["fc_init"], "base"),
+    "schedule": (FIXES["schedule"], ["lr_schedule", "warmup"], "base"),
+    "lr-1e-3": (FIXES["lr"], [], "base"),
+    "ttt-4": (FIXES["ttt4"], [], "base"),
+    "ttt-3": (["--ttt-steps", "3"], [], "base"),
+    "init-from-target": (["--init-from-target"], [], "base"),
+    "all": (sum(FIXES.values(), []), ["fc_init", "lr_schedule", "warmup"], "base"),
+    "all+on-policy": (sum(FIXES.values(), []), ["fc_init", "lr_schedule", "warmup"], "onpolicy"),
+}
+QUICK_VARIANTS = ["defaults", "demo-recipe", "fc-init", "schedule", "all", "all+on-policy"]
+
+
+# What the trainer must do for a variant's flags to take effect, as a pattern in its code.
+WIRING = {
+    "fc_init": r"\binit_fc\(|\bcfg\.fc_init\b",
+    "lr_schedule": r"\bSchedule\.from_config\(|\bcfg\.lr_schedule\b",
+    "warmup": r"\bSchedule\.from_config\(|\bcfg\.warmup\b",
+}
+# The modules that define these settings and building blocks (their use of them proves nothing).
+DEFINERS = {"train/config.py", "train/schedule.py", "model/init.py", "train/live_eval.py"}
+
+
+def unwired(fields: list[str]) -> list[str]:
+    """The settings among `fields` that the trainer does not act on yet: flags that would parse
+    and then change nothing."""
+    src = harness.ROOT / "specfast"
+    text = "\n".join(
+        p.read_text() for p in src.rglob("*.py") if p.relative_to(src).as_posix() not in DEFINERS
+    )
+    return [f for f in fields if not re.search(WIRING[f], text)]
+
+
+def specfast(*args: str, log: Path, timeout: float | None = None) -> None:
+    cmd = [sys.executable, "-m", "specfast", *args]
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        res = harness.run_command(cmd, threads=1, stdout=f, stderr=f, timeout=timeout)
+    if res.returncode != 0:
+        tail = log.read_text().strip().splitlines()[-1:]
+        raise harness.ChildError(" ".join(args[:1]), tail[0] if tail else f"rc={res.returncode}")
+
+
+def prepare_data(work: Path, conversations: int, heldout: int) -> Path:
+    data = work / f"data-{conversations}-{heldout}"
+    if not (data / "meta.json").is_file():  # written last: a complete folder is reused
+        shutil.rmtree(data, ignore_errors=True)
+        specfast(
+            "prepare", "--out", str(data), "--limit", str(conversations),
+            "--heldout", str(heldout), "--max-len", "2048", "--no-progress",
+            log=work / "prepare.log",
+        )  # fmt: skip
+    return data
+
+
+def eval_prompts(data: Path, out: Path) -> Path:
+    """First user turns of the held-out conversations, cut to 1000 characters (as the demo)."""
+    from specfast.eval.prompts import read_prompts
+
+    lines = [
+        json.dumps({"turns": [p.turns[0][:1000]]}) for p in read_prompts(data / "heldout.jsonl")
+    ]
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def run_variant(name: str, data: Path, prompts: Path, a, work: Path) -> dict:
+    flags, _, _ = VARIANTS[name]
+    run = work / "runs" / name
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    log = run / "log.txt"
+    t0 = time.time()
+    specfast(
+        "train", "--data", str(data), "--out", str(run), "--max-minutes", str(a.minutes),
+        "--max-steps", "1000000", "--save-every", "1000000", "--batch-tokens", str(a.batch_tokens),
+        "--device", "cpu", "--no-progress", "--no-tensorboard", *BASE, *flags,
+        log=log,
+    )  # fmt: skip
+    summary = json.loads((run / "summary.json").read_text())
+    specfast("export", str(run), "--out", str(run / "export"), log=log)
+    taus = {}
+    for k in a.k:
+        out = run / f"eval-k{k}.json"
+        specfast(
+            "eval", "--draft", str(run / "export"), "--prompts", str(prompts), "-k", str(k),
+            "--limit", str(a.prompts), "--max-new-tokens", str(a.max_new_tokens),
+            "--no-baseline", "--threads", "1", "--no-progress", "--out", str(out),
+            log=log,
+        )  # fmt: skip
+        taus[k] = json.loads(out.read_text())["acceptance_length"]
+    return {
+        "variant": name,
+        "flags": " ".join(flags),
+        "steps": summary["steps"],
+        "tokens_per_s": summary["tokens_per_s"],
+        "acc": summary.get("recent_acc"),
+        "sim_tau": summary.get("recent_sim_accept_len"),
+        "tau": taus,
+        "wall_s": round(time.time() - t0, 1),
+    }
+
+
+def report(results: list[dict], a) -> list[str]:
+    base = next((r for r in results if r["variant"] == "defaults" and "tau" in r), None)
+    cols = ["variant", "flags (beyond defaults)", "steps", "tok/s", "acc per TTT step", "sim τ"]
+    cols += [f"τ K={k}" for k in a.k] + [f"vs defaults K={a.k[0]}"]
+    rows = []
+    for r in results:
+        if "tau" not in r:
+            rows.append([r["variant"], r.get("flags", ""), "", "", "", ""] + [""] * len(a.k)
+                        + [r["note"]])  # fmt: skip
+            continue
+        acc = " ".join(f"{x:.2f}" for x in (r["acc"] or []))
+        k0 = a.k[0]
+        vs = f"{r['tau'][k0] / base['tau'][k0]:.3f}×" if base else "–"
+        rows.append(
+            [r["variant"], r["flags"] or "–", r["steps"], f"{r['tokens_per_s']:.0f}", acc,
+             f"{r['sim_tau']:.3f}" if r["sim_tau"] else "–"]
+            + [f"{r['tau'][k]:.3f}" for k in a.k] + [vs]
+        )  # fmt: skip
+    return harness.table(cols, rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--minutes", type=float, default=30.0, help="training budget per variant")
+    p.add_argument("--conversations", type=int, default=3000)
+    p.add_argument("--heldout", type=int, default=64)
+    p.add_argument("--prompts", type=int, default=32, help="held-out prompts evaluated")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-tokens", type=int, default=512)
+    p.add_argument("--k", type=lambda s: [int(x) for x in s.split(",")], default=[3, 5])
+    p.add_argument("--variants", help=f"comma-separated, of: {', '.join(VARIANTS)} (default all)")
+    p.add_argument("--onpolicy-data", help="a prepared folder of target-regenerated answers")
+    p.add_argument("--work", type=Path, default=WORK)
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny budget, not saved")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.minutes, a.conversations, a.heldout, a.prompts, a.max_new_tokens = 0.5, 120, 8, 3, 32
+        a.work = a.work / "quick"
+    names = a.variants.split(",") if a.variants else (QUICK_VARIANTS if a.quick else list(VARIANTS))
+    bad = [n for n in names if n not in VARIANTS]
+    if bad:
+        p.error(f"unknown variant(s) {bad}; known: {', '.join(VARIANTS)}")
+    a.work.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(a.work, a.conversations, a.heldout)
+    prompts = eval_prompts(data, a.work / "prompts.jsonl")
+    datasets = {"base": data, "onpolicy": Path(a.onpolicy_data) if a.onpolicy_data else None}
+
+    results = []
+    for name in names:
+        flags, fields, which = VARIANTS[name]
+        missing = unwired(fields)
+        entry = {"variant": name, "flags": " ".join(flags)}
+        if missing:
+            entry["note"] = f"not wired: the trainer does not read {', '.join(missing)} yet"
+        elif datasets[which] is None:
+            entry["note"] = "no on-policy data: pass --onpolicy-data (prepare --regenerate[-url])"
+        else:
+            print(f"[{name}] training {a.minutes} min ...", flush=True)
+            try:
+                entry = run_variant(name, datasets[which], prompts, a, a.work)
+            except harness.ChildError as e:
+                entry["note"] = f"failed: {e}"
+        print(json.dumps(entry), flush=True)
+        results.append(entry)
+    (a.work / "results.json").write_text(json.dumps(results, indent=2))
+
+    body = [
+        f"Each variant: {a.minutes:g} min of training on one core (one thread), "
+        f"{a.conversations} ShareGPT conversations, {a.batch_tokens}-token rows; τ by real "
+        f"speculative decoding (greedy) of {a.prompts} held-out first turns, up to "
+        f"{a.max_new_tokens} new tokens. `defaults` = {' '.join(BASE)}.",
+        "",
+        *report(results, a),
+    ]
+    harness.write_result(
+        "quality", "# Draft quality per CPU budget (bench/quality.py)", body, save=not a.quick
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
