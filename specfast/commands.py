@@ -279,6 +279,7 @@ def _capture_arguments(s: argparse.ArgumentParser) -> None:
 
 def _capture(a) -> int:
     from specfast.capture import capture
+    from specfast.train.distributed import ranks_from_env
 
     r = capture(
         a.data,
@@ -290,7 +291,8 @@ def _capture(a) -> int:
         a.shard_tokens,
         progress=not a.no_progress,
     )
-    print(json.dumps(r))
+    if ranks_from_env().is_main:  # under torchrun every rank returns it; rank 0 prints it
+        print(json.dumps(r))
     return 0
 
 

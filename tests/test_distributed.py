@@ -234,3 +234,74 @@ def test_offline_two_ranks_ddp_equal_one_rank(shards, tiny_target_dir, tmp_path)
     r = torchrun(2, train_args(shards, tiny_target_dir, tmp_path / "two"), tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_close_runs(tmp_path / "two", ref)
+
+
+KILL_CAPTURE = """
+import os, signal, sys
+from specfast import shards
+orig, count = shards.ShardWriter.add, [0]
+def add(self, sample):
+    orig(self, sample)
+    count[0] += 1
+    if count[0] == int(os.environ["KILL_AFTER"]) and os.environ["RANK"] == os.environ["KILL_RANK"]:
+        os.kill(os.getpid(), signal.SIGKILL)
+shards.ShardWriter.add = add
+from specfast.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def sample_checksums(folder):
+    """A sha256 of every sample's tensors (verified against the shard's own xxh64 on reading),
+    its length, and the capture config."""
+    import hashlib
+
+    from specfast.shards import ShardDataset
+
+    ds = ShardDataset(folder)
+    sums = []
+    for i in range(len(ds)):
+        sample = ds.read_sample(i, verify=True)
+        h = hashlib.sha256()
+        for name in sorted(sample):
+            h.update(sample[name].contiguous().view(torch.uint8).numpy().tobytes())
+        sums.append(h.hexdigest())
+    return sums, ds.sample_lengths.tolist(), ds.capture
+
+
+def test_distributed_capture_gives_the_samples_of_one_process_even_when_killed(
+    shards, tiny_prepared, tiny_target_dir, tmp_path
+):
+    args = [
+        "capture",
+        "--data",
+        str(tiny_prepared),
+        "--target",
+        str(tiny_target_dir),
+        "--batch-tokens",
+        "160",
+        "--dtype",
+        "float32",
+        "--shard-tokens",
+        "300",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "two"),
+    ]
+    env = {"KILL_AFTER": "9", "KILL_RANK": "1"}
+    killed = torchrun(2, args, tmp_path, KILL_CAPTURE, env_extra=env)
+    assert killed.returncode != 0
+    assert not (tmp_path / "two" / "manifest.json").exists()  # nothing merged from a broken job
+    with pytest.raises(ValueError, match="started by 2 ranks"):
+        capture(tiny_prepared, tmp_path / "two", str(tiny_target_dir), 160, "float32")
+    resumed = torchrun(2, args, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "merged 2 ranks' captures" in resumed.stderr
+    assert sorted(
+        p.name for p in (tmp_path / "two").iterdir() if not p.name.startswith("shard-")
+    ) == [
+        "manifest.json",
+        "prepared_meta.json",
+        "vocab.safetensors",
+    ]
+    assert sample_checksums(tmp_path / "two") == sample_checksums(shards)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from specfast import _shardio
+from specfast.fileio import fsync_dir
 from specfast.shards.format import (
     DEFAULT_SHARD_BYTES,
     FLOAT_CODES,
@@ -351,3 +352,42 @@ def _check_values(t: torch.Tensor, f: Field, where: str) -> torch.Tensor:
                 f"{where}: token ids must lie in [{lo}, {hi}] (got {int(t.min())}..{int(t.max())})"
             )
     return t
+
+
+def merge_captures(parts: list[Path], out_dir: str | os.PathLike) -> dict:
+    """One dataset in ``out_dir`` from complete captures written side by side (one per rank of a
+    distributed capture), in the given order: their shards are hard-linked into ``out_dir`` under
+    consecutive names, then one manifest listing them all is written atomically — the commit
+    point. Rerunning it after a crash redoes it; the parts are left for the caller to remove."""
+    out_dir = Path(out_dir)
+    manifests = [load_manifest(Path(p)) for p in parts]
+    for p, m in zip(parts, manifests):
+        if not m["complete"]:
+            raise ShardError(f"{Path(p) / MANIFEST}: this part of the capture has not finished")
+        diffs = capture_diff(manifests[0]["capture"], m["capture"])
+        if diffs:
+            raise ShardError(f"{Path(p) / MANIFEST}: captured differently ({'; '.join(diffs)})")
+    first = manifests[0]
+    merged = new_manifest(
+        first["capture"], first["layout"]["index_dtype"], first["layout"]["shard_tokens"]
+    )
+    fields = [m["layout"]["fields"] for m in manifests if m["layout"]["fields"] is not None]
+    if any(f != fields[0] for f in fields):
+        raise ShardError(f"{out_dir}: the parts store different fields: {fields}")
+    merged["layout"]["fields"] = fields[0] if fields else None
+    totals = merged["totals"]
+    for p, m in zip(parts, manifests):
+        for entry in m["shards"]:
+            name = shard_name(len(merged["shards"]))
+            src, dst = Path(p) / entry["file"], out_dir / name
+            if not (dst.exists() and os.path.samefile(src, dst)):
+                dst.unlink(missing_ok=True)
+                os.link(src, dst)
+            merged["shards"].append({**entry, "file": name})
+            totals["shards"] += 1
+            for k in ("samples", "tokens", "bytes"):
+                totals[k] += entry[k]
+    merged["complete"] = True
+    fsync_dir(out_dir)
+    write_manifest(out_dir, merged)
+    return merged

@@ -78,9 +78,11 @@ def collective_timeout() -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 
 
-def setup(device_name: str) -> tuple[Ranks, torch.device]:
+def setup(
+    device_name: str, timeout: datetime.timedelta | None = None
+) -> tuple[Ranks, torch.device]:
     """Join the job (if there is one) and pick this rank's device: cuda:LOCAL_RANK under torchrun
-    on a GPU machine."""
+    on a GPU machine. `timeout`: for collectives (default: SPECFAST_DIST_TIMEOUT_S)."""
     ranks = ranks_from_env()
     device = resolve_device(device_name)
     if not ranks.distributed:
@@ -91,7 +93,7 @@ def setup(device_name: str) -> tuple[Ranks, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo",
-            timeout=collective_timeout(),
+            timeout=timeout or collective_timeout(),
             device_id=device if device.type == "cuda" else None,
         )
     if dist.get_world_size() != ranks.world_size:
