@@ -35,8 +35,10 @@ right at that position), and the simulated acceptance length τ = 1 + Σ_k Π_{j
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from specfast.kernels import pruned_vocab_loss, ttt_attention
 from specfast.model.draft import Eagle3Draft
@@ -125,6 +127,49 @@ def rows_needed(supervised: torch.Tensor) -> torch.Tensor:
     return later
 
 
+class StepAttention:
+    """Step k's attention over the keys and values of every step, held in one buffer [steps, 1,
+    nkv, T, hd] and written in place (no re-stacking). `rows` are the rows step k computes
+    (ascending); rows it skips keep zero keys and ask with q = 0, their outputs unused."""
+
+    def __init__(self, keys, values, k, rows, doc_ids):
+        self.keys, self.values, self.k, self.rows, self.doc_ids = keys, values, k, rows, doc_ids
+        self.everything = rows.numel() == keys.shape[3]
+
+    def write(self, kk, vv):
+        self.keys[self.k].index_copy_(2, self.rows, kk)
+        self.values[self.k].index_copy_(2, self.rows, vv)
+
+    def read(self, q):
+        k, rows = self.k, self.rows
+        if not self.everything:
+            T = self.keys.shape[3]
+            q = q.new_zeros(q.shape[0], q.shape[1], T, q.shape[3]).index_copy(2, rows, q)
+        out = ttt_attention(q, self.keys[: k + 1], self.values[: k + 1], doc_ids=self.doc_ids)
+        return out if self.everything else out[:, :, rows]
+
+    def __call__(self, q, kk, vv):
+        self.write(kk, vv)
+        return self.read(q)
+
+
+def _head_loss(draft, batch, teacher_at, recompute, h, pick):
+    """Step loss over the rows `pick` of h [1, rows, H], taught by the teacher at `teacher_at`."""
+    if batch.teacher_logits is not None:
+        teacher = dict(teacher_logits=batch.teacher_logits[teacher_at])
+    else:  # the fused loss forms teacher logits tile by tile from the final hidden state
+        teacher = dict(
+            teacher_hidden=batch.teacher_hidden[teacher_at], teacher_weight=batch.teacher_weight
+        )
+    return pruned_vocab_loss(
+        draft.norm(h[0, pick]),
+        draft.lm_head.weight,
+        mask=torch.ones_like(teacher_at, dtype=torch.bool),
+        keep_bytes=0 if recompute else None,  # memory is the limit: keep no logits either
+        **teacher,
+    )
+
+
 def ttt_unroll(
     draft: Eagle3Draft, batch: PackedBatch, steps: int, recompute: bool = False
 ) -> TTTResult:
@@ -140,7 +185,8 @@ def ttt_unroll(
         teacher_rows = torch.zeros(T, dtype=torch.bool, device=supervised.device)
         for k in range(steps):
             teacher_rows[supervised[k].nonzero()[:, 0] + 1 + k] = True
-        if int(teacher_rows.sum()) * batch.teacher_weight.shape[0] * 4 <= TEACHER_LOGITS_BYTES:
+        budget = 0 if recompute else TEACHER_LOGITS_BYTES
+        if int(teacher_rows.sum()) * batch.teacher_weight.shape[0] * 4 <= budget:
             batch = batch.with_teacher_logits_for(teacher_rows)
     attn = draft.midlayer.self_attn
     doc_ids = batch.doc_ids[None]
@@ -161,36 +207,17 @@ def ttt_unroll(
                 step_losses += [0.0] * (steps - k)
                 correct += [torch.zeros(T, dtype=torch.bool, device=h.device)] * (steps - k)
                 break
-        everything = rows.numel() == T
-
-        def attend(q, kk, vv, k=k, rows=rows, everything=everything):
-            keys[k].index_copy_(2, rows, kk)
-            values[k].index_copy_(2, rows, vv)
-            if not everything:  # queries at their row; skipped rows ask with q = 0
-                q = q.new_zeros(q.shape[0], q.shape[1], T, q.shape[3]).index_copy(2, rows, q)
-            out = ttt_attention(q, keys[: k + 1], values[: k + 1], doc_ids=doc_ids)
-            return out if everything else out[:, :, rows]
-
+        attend = StepAttention(keys, values, k, rows, doc_ids)
         tokens = shifted(batch.input_ids, 1 + k, 0)[rows][None]
         h = draft.step(tokens, h, (batch.positions[rows] + k)[None], attend, recompute)
         # The head and loss see the supervised rows only; the loss is a mean over them.
         pick = supervised[k][rows]
         sup_rows = rows[pick]
-        ones = torch.ones_like(sup_rows, dtype=torch.bool)
-        if batch.teacher_logits is not None:
-            teacher = dict(teacher_logits=batch.teacher_logits[sup_rows + 1 + k])
-        else:  # the fused loss forms teacher logits tile by tile from the final hidden state
-            teacher = dict(
-                teacher_hidden=batch.teacher_hidden[sup_rows + 1 + k],
-                teacher_weight=batch.teacher_weight,
-            )
-        loss_k, correct_rows = pruned_vocab_loss(
-            draft.norm(h[0, pick]),
-            draft.lm_head.weight,
-            mask=ones,
-            keep_bytes=0 if recompute else None,  # memory is the limit: keep no logits either
-            **teacher,
-        )
+        head = partial(_head_loss, draft, batch, sup_rows + 1 + k, recompute)
+        if recompute:  # keep h only: the normed rows and the gathered teacher are recomputed
+            loss_k, correct_rows = checkpoint(head, h, pick, use_reentrant=False)
+        else:
+            loss_k, correct_rows = head(h, pick)
         total = total + (STEP_WEIGHT_DECAY**k) * loss_k
         step_losses.append(float(loss_k.detach()))
         correct.append(

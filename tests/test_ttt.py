@@ -151,14 +151,15 @@ def test_metrics_conditional_accuracy_and_tau():
     assert m["sim_accept_len"] == pytest.approx(1 + 0.75 + 0.75 * 2 / 3 + 0.75 * 2 / 3 * 0.5)
 
 
+@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("mask_rate", [0.2, 0.0])
-def test_skipped_rows_change_nothing_when_few_rows_count(seed, mask_rate):
+def test_skipped_rows_change_nothing_when_few_rows_count(seed, mask_rate, recompute):
     """Sparse supervision (most rows skipped from steps ≥ 1 and from the head), and a batch with
-    nothing supervised at all, still match the dense reference."""
+    nothing supervised at all, still match the dense reference, with and without recompute."""
     draft = tiny_draft()
     b = random_batch([7, 12, 3])
     b.loss_mask = torch.rand(b.num_tokens) < mask_rate
-    res = ttt_unroll(draft, b, 4)
+    res = ttt_unroll(draft, b, 4, recompute=recompute)
     ref_loss, _, ref_valid = reference_unroll(draft, b, 4)
     assert torch.equal(res.valid, ref_valid)
     torch.testing.assert_close(res.loss, ref_loss, rtol=1e-5, atol=1e-5)
@@ -186,7 +187,7 @@ def test_teacher_from_hidden_and_recompute_give_the_same_step(seed, teacher_byte
     )
     params = [p for p in draft.parameters() if p.requires_grad]
     results = []
-    for batch, recompute in ((b, False), (by_hidden, False), (b, True)):
+    for batch, recompute in ((b, False), (by_hidden, False), (b, True), (by_hidden, True)):
         res = ttt_unroll(draft, batch, 3, recompute=recompute)
         results.append((res.loss, torch.autograd.grad(res.loss, params)))
     for loss, grads in results[1:]:

@@ -97,7 +97,7 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     """Split in two around the attention call (`pre`, `post`) so that a step can be recomputed in
-    backward without repeating the attention, which writes keys into the caller's buffers."""
+    backward without writing its keys into the caller's buffers a second time."""
 
     def __init__(self, cfg: DraftConfig):
         super().__init__()
@@ -124,12 +124,8 @@ class DecoderLayer(nn.Module):
         h, y = add_rms_norm(residual, o, norm.weight, norm.eps)
         return h + self.mlp(y)
 
-    def forward(self, emb, h, positions, rotary, attend, recompute: bool = False):
-        """emb, h [B, T, H]; attend(q, k, v) -> [B, nh, T, hd]. `recompute`: keep only each half's
-        inputs for backward and recompute the rest then (memory for time)."""
-        if recompute:
-            q, k, v, residual = checkpoint(self.pre, emb, h, positions, rotary, use_reentrant=False)
-            return checkpoint(self.post, attend(q, k, v), residual, use_reentrant=False)
+    def forward(self, emb, h, positions, rotary, attend):
+        """emb, h [B, T, H]; attend(q, k, v) -> [B, nh, T, hd]."""
         q, k, v, residual = self.pre(emb, h, positions, rotary)
         return self.post(attend(q, k, v), residual)
 
@@ -187,9 +183,26 @@ class Eagle3Draft(nn.Module):
 
     def step(self, token_ids, h, positions, attend, recompute: bool = False):
         """One draft step: token_ids, positions [B, T]; h [B, T, H] (fc output, or the previous
-        step's hidden state). Returns the new hidden state [B, T, H] before `norm`."""
-        emb = self.embed(token_ids)
-        return self.midlayer(emb, h, positions, self.rotary, attend, recompute)
+        step's hidden state). Returns the new hidden state [B, T, H] before `norm`.
+
+        `recompute` (memory for time): backward keeps only the step's inputs and recomputes the
+        rest, embedding and query included. `attend` must then also offer `write(k, v)` and
+        `read(q)`: the keys and values are written once, outside any checkpoint, because a
+        recompute must not write into the caller's buffers again."""
+        layer = self.midlayer
+        if not recompute:
+            return layer(self.embed(token_ids), h, positions, self.rotary, attend)
+
+        def pre(ids, h, pos):
+            return layer.pre(self.embed(ids), h, pos, self.rotary)
+
+        def rest(ids, h, pos):
+            q, _, _, residual = pre(ids, h, pos)
+            return layer.post(attend.read(q), residual)
+
+        _, k, v, _ = checkpoint(pre, token_ids, h, positions, use_reentrant=False)
+        attend.write(k, v)
+        return checkpoint(rest, token_ids, h, positions, use_reentrant=False)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(h))
