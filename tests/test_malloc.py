@@ -1,0 +1,44 @@
+"""return_freed_memory: after it, memory freed by tensors of a few MiB leaves the process."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+PROBE = textwrap.dedent(
+    """
+    import os, sys, torch
+    from specfast.malloc import return_freed_memory
+    if sys.argv[1] == "on":
+        assert return_freed_memory()
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    big = torch.ones(1 << 21)  # 8 MiB freed at once: glibc then raises its mmap threshold
+    del big
+    # 64 blocks of 4 MiB, each followed by a small block that stays: on the heap, the pages of
+    # the big ones could only be given back by trimming its top, which the small ones pin
+    blocks, pins = [], []
+    for _ in range(64):
+        blocks.append(torch.ones(1 << 20))
+        pins.append(torch.ones(1 << 8))
+    before = rss()
+    del blocks
+    print((before - rss()) / 2**20)
+    """
+)
+
+
+def freed_mib(mode: str) -> float:
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    return float(out.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt: Linux only")
+def test_freed_tensors_leave_the_process():
+    assert freed_mib("on") > 200  # the 256 MiB of blocks are given back
+    assert freed_mib("off") < 100  # glibc's default keeps them: the call is what made the change
