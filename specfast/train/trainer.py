@@ -23,6 +23,7 @@ import yaml
 from tqdm import tqdm
 
 from specfast.data.prepared import PreparedData
+from specfast.malloc import return_freed_memory
 from specfast.model.load import new_draft
 from specfast.pipeline import is_shard_folder, open_offline, open_online
 from specfast.ttt import metrics_from_counts, ttt_counts
@@ -104,6 +105,8 @@ class Run:
 
 def setup_run(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Run:
     torch.manual_seed(cfg.seed)  # the same initial draft on every rank
+    if cfg.recompute and device.type == "cpu":
+        return_freed_memory()  # memory is the limit: freed blocks leave the process
     batches = open_batches(cfg, device, ranks)
     draft = new_draft(batches.target, batches.vocab, cfg.init_from_target, device)
     model = distributed.wrap(
