@@ -53,6 +53,8 @@ import harness
 import specforge_side
 
 SIDES = ("specfast-online", "specfast-offline", "specforge")
+# Memory mode, not run by default: offline with --recompute (each TTT step's inputs kept only).
+EXTRA_SIDES = ("specfast-offline-recompute",)
 TTT = 7
 DRAFT_VOCAB = 16384
 LR = 3e-4
@@ -329,7 +331,7 @@ def bench_row(n_tokens, measured, args, sides, forge_py, timer) -> list[dict]:
     conversations = meta["stats"]["samples"]
 
     shards = work / "shards"
-    if {"specfast-offline", "specforge"} & set(sides):
+    if {"specfast-offline", "specfast-offline-recompute", "specforge"} & set(sides):
         manifest = shards / "manifest.json"
         if not (manifest.is_file() and json.loads(manifest.read_text()).get("complete")):
             cap = [py, "-m", "specfast", "capture", "--data", data, "--out", shards]
@@ -370,6 +372,8 @@ def bench_row(n_tokens, measured, args, sides, forge_py, timer) -> list[dict]:
         else:
             source = data if side == "specfast-online" else shards
             cmd = specfast_train(source, work / side, n_tokens, total, args.device)
+            if side.endswith("-recompute"):
+                cmd.append("--recompute")
         load0 = os.getloadavg()[0]
         log = work / f"{side}.log"
         watched = timer.run(
@@ -641,7 +645,10 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="steps run first and not measured")
     p.add_argument("--data", choices=("full", "sharegpt"), default="full")
     p.add_argument("--conversations", type=int, default=0, help="conversations to prepare")
-    p.add_argument("--sides", default=",".join(SIDES), help=f"any of {','.join(SIDES)}")
+    p.add_argument(
+        "--sides", default=",".join(SIDES), help=f"any of {','.join(SIDES + EXTRA_SIDES)}"
+    )
+    p.add_argument("--tag", default="", help="suffix of the result's name (a run of other rows)")
     p.add_argument("--mem-cap", type=float, default=20.0, help="GiB of RSS per process")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--work", type=Path, default=WORK, help="data, shards, runs and logs")
@@ -664,7 +671,7 @@ def main(argv=None) -> int:
     rows = [int(x) for x in args.rows.split(",")]
     steps = parse_steps(args.steps, rows)
     sides = [s for s in args.sides.split(",") if s]
-    if bad := set(sides) - set(SIDES):
+    if bad := set(sides) - set(SIDES + EXTRA_SIDES):
         p.error(f"unknown sides {sorted(bad)}")
     args.dtype = "float32" if args.device == "cpu" else "bfloat16"
     if args.setup:
@@ -673,6 +680,7 @@ def main(argv=None) -> int:
     if "specforge" in sides and forge_py is None:
         print(specforge_side.SETUP_HINT + "; running the specfast sides only", flush=True)
     name = "train_throughput" + ("" if args.data == "full" else "-sharegpt")
+    name += f"-{args.tag}" if args.tag else ""
     saved_path = args.work / f"{name}-{args.device}.json"
     if args.report_only:
         write_report(json.loads(saved_path.read_text()), save=not args.no_save)
