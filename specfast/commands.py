@@ -341,6 +341,11 @@ def _convert_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--shard-tokens", type=int, default=None, help="tokens per shard (default ~256 MiB)"
     )
+    s.add_argument(
+        "--no-argmax",
+        action="store_true",
+        help="do not store the target's argmax (training then computes it every epoch)",
+    )
     _no_progress(s)
 
 
@@ -365,6 +370,7 @@ def _convert(a) -> int:
         draft_vocab_size=a.draft_vocab_size,
         shard_tokens=a.shard_tokens,
         progress=not a.no_progress,
+        argmax=not a.no_argmax,
     )
     r.pop("skipped_files")
     print(json.dumps(r))

@@ -82,7 +82,8 @@ def tokens(t: torch.Tensor, name: str, path: Path) -> torch.Tensor:
 
 
 def hidden(t: torch.Tensor, name: str, width: int, path: Path) -> torch.Tensor:
-    """[L, width] or [1, L, width] -> [L, width], floating point and finite."""
+    """[L, width] or [1, L, width] -> [L, width], floating point. (NaN and inf are caught by the
+    shard writer, whose C++ scan is far faster than torch's on bf16.)"""
     if t.dim() == 3 and t.shape[0] == 1:
         t = t[0]
     if t.dim() != 2 or t.shape[1] != width:
@@ -91,9 +92,6 @@ def hidden(t: torch.Tensor, name: str, width: int, path: Path) -> torch.Tensor:
         )
     if not t.is_floating_point():
         raise SampleError(f"{path}: {name} has dtype {t.dtype}, expected floating point")
-    if not bool(torch.isfinite(t).all()):
-        row = int((~torch.isfinite(t)).any(dim=1).nonzero()[0])
-        raise SampleError(f"{path}: {name} holds NaN or inf (token {row})")
     return t
 
 

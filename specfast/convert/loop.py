@@ -88,6 +88,7 @@ def convert(
     draft_vocab_size: int | None = None,
     shard_tokens: int | None = None,
     progress: bool = True,
+    argmax: bool = True,
 ) -> dict:
     """Convert the sample files of `src` (a `fmt` folder) into specfast shards in `out`.
 
@@ -95,6 +96,8 @@ def convert(
     EAGLE-3's, as that tool spells them). `vocab`: a draft vocabulary to use (a prepared or
     shard folder, its vocab.safetensors, or a SpecForge vocab-mapping `.pt` with `d2t`);
     otherwise the `draft_vocab_size` most frequent supervised tokens of the converted data.
+    `argmax`: store the target's full-vocabulary argmax (2·V·H FLOPs per supervised token, most
+    of a CPU conversion's time); without it training computes it every epoch instead.
     """
     from specfast.targets import resolve_target_path
     from specfast.targets.heads import HeadsOnlyTarget
@@ -145,7 +148,8 @@ def convert(
         for file in source.files[start:]:
             try:
                 s = source.read(file)
-                s["target_argmax"] = target_argmax(s["final_hidden"], s["loss_mask"], lm_head)
+                if argmax:
+                    s["target_argmax"] = target_argmax(s["final_hidden"], s["loss_mask"], lm_head)
                 try:
                     writer.add(s)
                 except ValueError as e:  # e.g. a value that overflows the stored dtype
