@@ -235,7 +235,9 @@ def test_bad_servers_give_clear_errors(tok, tmp_path):
             regenerate(ServerGenerator(srv.url, tok), _convs(1), tmp_path / "r.jsonl")
         assert srv.completions == 0
     with FakeServer(tok, tokenize=False) as srv:  # no /tokenize: checked by name only, warned
-        ServerGenerator(srv.url, tok).check()
+        assert ServerGenerator(srv.url, tok).check() == "name"
+    with FakeServer(tok) as srv:
+        assert ServerGenerator(srv.url, tok).check() == "tokens"
     # A chat template of our own reaches the server (and its check) too.
     template = (
         "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -370,3 +372,68 @@ def test_prepare_command_through_a_server(tiny_target_dir, tiny_chat_jsonl, tok,
         for m in r["messages"]
         if m["role"] == "assistant"
     )
+
+
+# -- the real server -----------------------------------------------------------------------------
+
+
+def _vllm_python() -> Path:
+    return Path(os.environ.get("SPECFAST_VLLM_PYTHON", "~/vllm-venv/bin/python")).expanduser()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _vllm_python().is_file(), reason="no vLLM venv (see bench/vllm_check.py)")
+def test_real_vllm_server_regenerates_like_the_target(smollm2_dir, tmp_path):
+    """`vllm serve` of SmolLM2 on CPU (fp32): the checks pass against the real server, and its
+    greedy answers are the target's own."""
+    import socket
+
+    from specfast.targets import load_target
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "vllm.log", "w")
+    server = subprocess.Popen(
+        [str(_vllm_python()), "-m", "vllm.entrypoints.openai.api_server", "--model",
+         str(smollm2_dir), "--dtype", "float32", "--port", str(port), "--max-model-len", "2048",
+         "--enforce-eager"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        # A small KV cache: by default vLLM's CPU backend asks for 92% of the machine's memory.
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"},
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        target = load_target("smollm2", device="cpu")
+        gen = ServerGenerator(url, target.tokenizer, retries=0)
+        deadline = time.time() + 600
+        while True:
+            try:
+                assert gen.check() == "tokens"  # vLLM's /tokenize rendered the probe as we do
+                break
+            except ValueError as e:
+                if "cannot reach" not in str(e) or time.time() > deadline or server.poll():
+                    raise
+                time.sleep(2)
+        convs = [
+            ("a", [{"role": "user", "content": "What is the capital of France?"},
+                   {"role": "assistant", "content": "x"},
+                   {"role": "user", "content": "And of Italy?"},
+                   {"role": "assistant", "content": "y"}]),
+            ("b", [{"role": "user", "content": "Write a haiku about rain."},
+                   {"role": "assistant", "content": "z"}]),
+        ]  # fmt: skip
+        out = regenerate(ServerGenerator(url, target.tokenizer), convs, tmp_path / "r.jsonl",
+                         max_new_tokens=24, concurrency=2, progress=False)  # fmt: skip
+        for _, msgs in out:
+            ctx = []
+            for m in msgs:
+                if m["role"] == "assistant":  # the target's own greedy answer to the same context
+                    ids = target.generate([encode_prompt(target.tokenizer, ctx, "t")], 24, 0.0)[0]
+                    mine = target.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                    assert m["content"] == mine
+                ctx.append(m)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+        log.close()

@@ -124,8 +124,9 @@ class ServerGenerator:
 
     # -- checks -------------------------------------------------------------------------------
 
-    def check(self) -> None:
-        """Reachable, serving the model, rendering and tokenising as `prepare` does."""
+    def check(self) -> str:
+        """Reachable, serving the model, rendering and tokenising as `prepare` does. Returns what
+        was checked: "tokens" (the probe's token ids compared) or "name" (no /tokenize)."""
         try:
             status, reply = self.request("GET", "/v1/models", retry=False)
         except ServerError as e:
@@ -160,7 +161,7 @@ class ServerGenerator:
                 self.base,
                 self.model,
             )
-            return
+            return "name"
         if status != 200 or not isinstance(reply, dict) or "tokens" not in reply:
             raise ValueError(f"{self.base}/tokenize answered {status}: {_message(reply)}")
         ours = encode_prompt(self.tokenizer, PROBE, "probe conversation", self.chat_template)
@@ -174,6 +175,7 @@ class ServerGenerator:
                 f"({len(theirs)} vs {len(ours)} tokens, first difference at token {i}): "
                 "another model, or another chat template"
             )
+        return "tokens"
 
     # -- generation ---------------------------------------------------------------------------
 
