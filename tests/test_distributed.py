@@ -1,6 +1,7 @@
 """Many processes on CPU (torchrun, gloo, 2 ranks): N ranks x grad_accum G train as 1 rank x N·G
-(DDP and FSDP2, online and offline), a job that loses a rank exits and resumes to the same losses,
-checkpoints reshard 2 -> 1 and 1 -> 2, and a 2-rank capture gives the samples of a 1-process one.
+(DDP online; FSDP2 offline, and online resumed from one rank), a job that loses a rank exits and
+resumes to the same losses, checkpoints reshard 2 -> 1 and 1 -> 2, and a 2-rank capture gives the
+samples of a 1-process one.
 
 Every job is a subprocess with a timeout, so a hang fails the test instead of blocking the suite."""
 
@@ -228,10 +229,11 @@ def shards(tmp_path_factory, tiny_prepared, tiny_target_dir):
     return out
 
 
-def test_offline_two_ranks_ddp_equal_one_rank(shards, tiny_target_dir, tmp_path):
-    """Each rank reads only its own batches from the shards."""
+def test_offline_two_ranks_fsdp2_equal_one_rank(shards, tiny_target_dir, tmp_path):
+    """Each rank reads only its own batches from the shards; FSDP2 from the first step."""
     ref = one_process(shards, tiny_target_dir, tmp_path / "one")
-    r = torchrun(2, train_args(shards, tiny_target_dir, tmp_path / "two"), tmp_path)
+    args = train_args(shards, tiny_target_dir, tmp_path / "two", "--parallel", "fsdp2")
+    r = torchrun(2, args, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_close_runs(tmp_path / "two", ref)
 
