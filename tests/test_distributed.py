@@ -1,7 +1,7 @@
 """Many processes on CPU (torchrun, gloo, 2 ranks): N ranks x grad_accum G train as 1 rank x N·G
-(DDP online; FSDP2 offline, and online resumed from one rank), a job that loses a rank exits and
-resumes to the same losses, checkpoints reshard 2 -> 1 and 1 -> 2, and a 2-rank capture gives the
-samples of a 1-process one.
+(DDP online; FSDP2 offline, and online with a sharded target, resumed from one rank), a job that
+loses a rank exits and resumes to the same losses, checkpoints reshard 2 -> 1 and 1 -> 2, and a
+2-rank capture gives the samples of a 1-process one.
 
 Every job is a subprocess with a timeout, so a hang fails the test instead of blocking the suite."""
 
@@ -168,9 +168,12 @@ def test_checkpoint_of_two_ranks_resumes_on_one(
 def test_checkpoint_of_one_rank_resumes_on_two_with_fsdp2(
     reference, tmp_path, tiny_prepared, tiny_target_dir
 ):
-    """1 -> 2, and FSDP2 (sharded draft and optimizer) trains as one process does."""
+    """1 -> 2, and FSDP2 (sharded draft and optimizer, and the online target's layers sharded by
+    --shard-target) trains as one process does."""
     ckpt = reference / "checkpoints" / "step_00000004"
-    args = train_args(tiny_prepared, tiny_target_dir, tmp_path / "two", "--parallel", "fsdp2")
+    args = train_args(
+        tiny_prepared, tiny_target_dir, tmp_path / "two", "--parallel", "fsdp2", "--shard-target"
+    )
     r = torchrun(2, args + ["--grad-accum", "1", "--resume", str(ckpt)], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stderr

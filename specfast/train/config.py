@@ -37,6 +37,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # Under torchrun: ddp (every rank holds the draft) or fsdp2 (draft and optimizer sharded).
     parallel: str = "ddp"
+    shard_target: bool = False  # fsdp2, online: shard the frozen target's layers over the ranks
     # Recompute each TTT step's layer in backward: stores a step's inputs, not its activations.
     recompute: bool = False
     init_from_target: bool = False  # start lm_head and norm from the target's own weights
@@ -93,6 +94,10 @@ class TrainConfig:
         need(
             self.parallel in ("ddp", "fsdp2"),
             f"parallel must be ddp or fsdp2, not {self.parallel!r}",
+        )
+        need(
+            not self.shard_target or self.parallel == "fsdp2",
+            "shard_target needs parallel fsdp2",
         )
         self.parsed_aux_layer_ids()
 

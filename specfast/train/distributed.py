@@ -186,6 +186,20 @@ def wrap(unroll: Unroll, parallel: str, ranks: Ranks, device: torch.device) -> n
     return fully_shard(unroll)
 
 
+def shard_target_layers(target) -> None:
+    """FSDP2 over a frozen online target's decoder layers: each rank keeps 1/N of every layer and a
+    forward gathers one layer at a time, for a target that does not fit one device. Embeddings and
+    lm_head stay whole (the draft shares the embeddings, the teacher reads lm_head rows). Every
+    rank runs one target forward per micro-batch, so the gathers stay in step."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = getattr(getattr(getattr(target, "model", None), "base_model", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"--shard-target: target {target.name} has no decoder layers to shard")
+    for layer in layers:
+        fully_shard(layer)
+
+
 def gradient_sync(model: nn.Module, sync: bool):
     """A context for one micro-batch's backward: gradients are reduced over ranks only on the
     last micro-batch of a step (`sync`), the others accumulate locally."""

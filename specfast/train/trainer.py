@@ -82,6 +82,8 @@ def open_batches(cfg: TrainConfig, device: torch.device, ranks: Ranks = SINGLE):
         return open_offline(dataset, target, cfg.batch_tokens, cfg.seed, device, **split)
     data = PreparedData.load(cfg.data)  # before the target: bad data fails fast
     target = load_target(cfg.target, device=str(device), aux_layer_ids=cfg.parsed_aux_layer_ids())
+    if cfg.shard_target and ranks.distributed:
+        distributed.shard_target_layers(target)
     return open_online(data, target, cfg.batch_tokens, cfg.seed, device, **split)
 
 
