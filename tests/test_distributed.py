@@ -310,3 +310,26 @@ def test_distributed_capture_gives_the_samples_of_one_process_even_when_killed(
         "vocab.safetensors",
     ]
     assert sample_checksums(tmp_path / "two") == sample_checksums(shards)
+
+
+HANG_DRIVER = """
+import os, sys, time
+from specfast.train import trainer
+orig = trainer.train_step
+def train_step(run):
+    if run.step == 2 and run.ranks.rank == 1:
+        time.sleep(600)  # alive but silent: the other rank waits in a collective
+    return orig(run)
+trainer.train_step = train_step
+from specfast.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_silent_rank_times_out_instead_of_hanging(tmp_path, tiny_prepared, tiny_target_dir):
+    args = train_args(tiny_prepared, tiny_target_dir, tmp_path / "run")
+    t0 = time.monotonic()
+    r = torchrun(2, args, tmp_path, HANG_DRIVER, env_extra={"SPECFAST_DIST_TIMEOUT_S": "5"})
+    assert r.returncode != 0 and time.monotonic() - t0 < 120
+    assert "Timed out" in r.stderr and "Root Cause" in r.stderr
