@@ -21,6 +21,20 @@ from .pruned_vocab_loss import _loss_scale
 
 
 @triton.jit
+def _row_tile(ptr, rows, rows_ok, stride, cols, cols_ok, UPCAST: tl.constexpr):
+    """[len(rows), len(cols)] tile of a matrix with unit-stride columns; zeros out of range, fp32
+    when UPCAST (the interpreter computes bf16 arithmetic wrongly)."""
+    x = tl.load(
+        ptr + rows.to(tl.int64)[:, None] * stride + cols[None, :],
+        mask=rows_ok[:, None] & cols_ok[None, :],
+        other=0.0,
+    )
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
 def _logits_tile(
     h_ptr,
     w_ptr,
@@ -43,16 +57,11 @@ def _logits_tile(
     offs_k = tl.arange(0, BLOCK_H)
     row_ok = offs_t < T
     col_ok = offs_v < V
-    h_rows = h_ptr + offs_t.to(tl.int64)[:, None] * stride_h
-    w_rows = w_ptr + offs_v.to(tl.int64)[:, None] * stride_w
     for k0 in range(0, H, BLOCK_H):
         kk = k0 + offs_k
         k_ok = kk < H
-        h = tl.load(h_rows + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_rows + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        if UPCAST:  # the interpreter computes bf16 arithmetic wrongly
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
+        h = _row_tile(h_ptr, offs_t, row_ok, stride_h, kk, k_ok, UPCAST)
+        w = _row_tile(w_ptr, offs_v, col_ok, stride_w, kk, k_ok, UPCAST)
         acc += tl.dot(h, tl.trans(w), input_precision=DOT_PRECISION)
     return acc
 
@@ -339,13 +348,7 @@ def _bwd_kernel(
         kk = k0 + offs_k
         k_ok = kk < H
         if COMPUTE_DH:
-            w = tl.load(
-                w_ptr + offs_v.to(tl.int64)[:, None] * stride_w + kk[None, :],
-                mask=col_ok[:, None] & k_ok[None, :],
-                other=0.0,
-            )
-            if UPCAST:
-                w = w.to(tl.float32)
+            w = _row_tile(w_ptr, offs_v, col_ok, stride_w, kk, k_ok, UPCAST)
             dh = tl.dot(g, w, input_precision=DOT_PRECISION) * scale
             tl.atomic_add(
                 gh_ptr + offs_t.to(tl.int64)[:, None] * H + kk[None, :],
@@ -353,13 +356,7 @@ def _bwd_kernel(
                 mask=row_ok[:, None] & k_ok[None, :],
             )
         if COMPUTE_DW:
-            h = tl.load(
-                h_ptr + offs_t.to(tl.int64)[:, None] * stride_h + kk[None, :],
-                mask=row_ok[:, None] & k_ok[None, :],
-                other=0.0,
-            )
-            if UPCAST:
-                h = h.to(tl.float32)
+            h = _row_tile(h_ptr, offs_t, row_ok, stride_h, kk, k_ok, UPCAST)
             dw = tl.dot(tl.trans(g), h, input_precision=DOT_PRECISION) * scale
             tl.atomic_add(
                 gw_ptr + offs_v.to(tl.int64)[:, None] * H + kk[None, :],
