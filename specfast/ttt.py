@@ -153,8 +153,9 @@ class StepAttention:
         return self.read(q)
 
 
-def _head_loss(draft, batch, teacher_at, recompute, h, pick):
-    """Step loss over the rows `pick` of h [1, rows, H], taught by the teacher at `teacher_at`."""
+def _head_loss(draft, batch, teacher_at, mask, recompute, h, pick):
+    """Step loss over the rows `pick` of h [1, rows, H] (all rows when None) where `mask`, taught
+    by the teacher at `teacher_at`."""
     if batch.teacher_logits is not None:
         teacher = dict(teacher_logits=batch.teacher_logits[teacher_at])
     else:  # the fused loss forms teacher logits tile by tile from the final hidden state
@@ -162,27 +163,63 @@ def _head_loss(draft, batch, teacher_at, recompute, h, pick):
             teacher_hidden=batch.teacher_hidden[teacher_at], teacher_weight=batch.teacher_weight
         )
     return pruned_vocab_loss(
-        draft.norm(h[0, pick]),
+        draft.norm(h[0] if pick is None else h[0, pick]),
         draft.lm_head.weight,
-        mask=torch.ones_like(teacher_at, dtype=torch.bool),
+        mask=mask,
         keep_bytes=0 if recompute else None,  # memory is the limit: keep no logits either
         **teacher,
     )
 
 
+def padded(batch: PackedBatch, length: int) -> PackedBatch:
+    """The batch with `length - T` rows appended as one more document that nothing supervises."""
+    n = length - batch.num_tokens
+    if n < 0:
+        raise ValueError(f"cannot pad {batch.num_tokens} tokens to {length}")
+    if n == 0:
+        return batch
+
+    def pad(x, fill=0):
+        return torch.cat([x, x.new_full((n, *x.shape[1:]), fill)])
+
+    doc = int(batch.doc_ids[-1]) + 1 if batch.num_tokens else 0
+    return replace(
+        batch,
+        input_ids=pad(batch.input_ids),
+        doc_ids=pad(batch.doc_ids, doc),
+        positions=torch.cat([batch.positions, torch.arange(n, device=batch.positions.device)]),
+        loss_mask=pad(batch.loss_mask, False),
+        aux_hidden=pad(batch.aux_hidden),
+        target_in_vocab=pad(batch.target_in_vocab, False),
+        teacher_logits=None if batch.teacher_logits is None else pad(batch.teacher_logits),
+        teacher_hidden=None if batch.teacher_hidden is None else pad(batch.teacher_hidden),
+    )
+
+
 def ttt_unroll(
-    draft: Eagle3Draft, batch: PackedBatch, steps: int, recompute: bool = False
+    draft: Eagle3Draft, batch: PackedBatch, steps: int, recompute: bool = False, bucket: int = 0
 ) -> TTTResult:
     """The unroll of the module docstring, computing only rows that count (exactly: the rows left
     out feed nothing that is supervised). `recompute`: store each step's inputs only and recompute
-    its layer in backward (memory for time)."""
+    its layer in backward (memory for time).
+
+    `bucket` > 0: static shapes, for `torch.compile` and CUDA graphs. The row is padded to a
+    multiple of `bucket` tokens, every step computes every row and the head takes all rows under
+    a mask, so every tensor's shape depends on the padded length alone. Same loss, gradients and
+    metrics; more work than skipping rows."""
     T = batch.num_tokens
     if steps < 1:
         raise ValueError(f"ttt steps must be ≥ 1, not {steps}")
+    if bucket < 0:
+        raise ValueError(f"bucket must be ≥ 0, not {bucket}")
+    static = bucket > 0
+    if static:
+        batch = padded(batch, max(1, -(-T // bucket)) * bucket)
+    L = batch.num_tokens
     supervised = torch.stack([supervised_mask(batch, k) for k in range(steps)])
     needed = rows_needed(supervised)
-    if batch.teacher_logits is None:
-        teacher_rows = torch.zeros(T, dtype=torch.bool, device=supervised.device)
+    if batch.teacher_logits is None and not static:
+        teacher_rows = torch.zeros(L, dtype=torch.bool, device=supervised.device)
         for k in range(steps):
             teacher_rows[supervised[k].nonzero()[:, 0] + 1 + k] = True
         budget = 0 if recompute else TEACHER_LOGITS_BYTES
@@ -190,42 +227,50 @@ def ttt_unroll(
             batch = batch.with_teacher_logits_for(teacher_rows)
     attn = draft.midlayer.self_attn
     doc_ids = batch.doc_ids[None]
-    h = draft.fc(batch.aux_hidden.to(draft.fc.weight.dtype))[None]  # [1, T, H]
+    h = draft.fc(batch.aux_hidden.to(draft.fc.weight.dtype))[None]  # [1, L, H]
     # Keys and values of every step in one buffer, written in place (zeros: rows a step skips
     # must stay finite, their outputs are multiplied by zero gradients).
-    kv_shape = (steps, 1, attn.nkv, T, attn.hd)
+    kv_shape = (steps, 1, attn.nkv, L, attn.hd)
     keys, values = h.new_zeros(kv_shape), h.new_zeros(kv_shape)
-    rows = torch.arange(T, device=h.device)  # the rows `h` holds, ascending
+    rows = torch.arange(L, device=h.device)  # the rows `h` holds, ascending
 
     total = h.new_zeros((), dtype=torch.float32)
     step_losses, correct = [], []
     for k in range(steps):
-        if k > 0:
+        if k > 0 and not static:
             keep = needed[k][rows]
             h, rows = h[:, keep], rows[keep]
             if rows.numel() == 0:  # nothing supervised from here on
                 step_losses += [0.0] * (steps - k)
-                correct += [torch.zeros(T, dtype=torch.bool, device=h.device)] * (steps - k)
+                correct += [torch.zeros(L, dtype=torch.bool, device=h.device)] * (steps - k)
                 break
         attend = StepAttention(keys, values, k, rows, doc_ids)
         tokens = shifted(batch.input_ids, 1 + k, 0)[rows][None]
         h = draft.step(tokens, h, (batch.positions[rows] + k)[None], attend, recompute)
         # The head and loss see the supervised rows only; the loss is a mean over them.
-        pick = supervised[k][rows]
-        sup_rows = rows[pick]
-        head = partial(_head_loss, draft, batch, sup_rows + 1 + k, recompute)
+        if static:
+            pick, teacher_at = None, (rows + 1 + k).clamp(max=L - 1)
+            mask = supervised[k]
+        else:
+            pick = supervised[k][rows]
+            teacher_at = rows[pick] + 1 + k
+            mask = torch.ones_like(teacher_at, dtype=torch.bool)
+        head = partial(_head_loss, draft, batch, teacher_at, mask, recompute)
         if recompute:  # keep h only: the normed rows and the gathered teacher are recomputed
             loss_k, correct_rows = checkpoint(head, h, pick, use_reentrant=False)
         else:
             loss_k, correct_rows = head(h, pick)
         total = total + (STEP_WEIGHT_DECAY**k) * loss_k
         step_losses.append(float(loss_k.detach()))
-        correct.append(
-            torch.zeros(T, dtype=torch.bool, device=h.device).index_fill(
-                0, sup_rows[correct_rows], True
+        if static:
+            correct.append(correct_rows & mask)
+        else:
+            correct.append(
+                torch.zeros(L, dtype=torch.bool, device=h.device).index_fill(
+                    0, (teacher_at - 1 - k)[correct_rows], True
+                )
             )
-        )
-    return TTTResult(total, step_losses, torch.stack(correct), supervised)
+    return TTTResult(total, step_losses, torch.stack(correct)[:, :T], supervised[:, :T])
 
 
 def ttt_metrics(

@@ -194,3 +194,45 @@ def test_teacher_from_hidden_and_recompute_give_the_same_step(seed, teacher_byte
         torch.testing.assert_close(loss, results[0][0], rtol=1e-5, atol=1e-6)
         for a, r in zip(grads, results[0][1]):
             torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_static_shapes_give_the_same_step_with_shapes_fixed_by_the_bucket(seed, recompute):
+    """bucket > 0 pads the row and computes every row: the same loss, gradients and metrics as
+    the row-skipping unroll, and the same tensor shapes for any row length within the bucket."""
+    draft = tiny_draft()
+    params = [p for p in draft.parameters() if p.requires_grad]
+    shapes = []
+
+    def record(module, args):
+        shapes.append(tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor)))
+
+    hook = draft.midlayer.mlp.register_forward_pre_hook(record)
+    every_static = set()
+    for lengths in ([7, 12, 3], [5, 6, 4, 2]):  # 22 and 17 tokens: one bucket of 24
+        b = random_batch(lengths)
+        b.loss_mask[torch.rand(b.num_tokens) < 0.3] = False  # some rows skipped
+        if lengths[0] == 5:  # the teacher as final hidden state too
+            hidden, weight = torch.randn(b.num_tokens, 20), torch.randn(12, 20)
+            b = PackedBatch(
+                **{**vars(b), "teacher_logits": None, "teacher_hidden": hidden,
+                   "teacher_weight": weight}
+            )  # fmt: skip
+        shapes.clear()
+        ref = ttt_unroll(draft, b, 4)
+        dynamic_shapes = list(shapes)
+        shapes.clear()
+        res = ttt_unroll(draft, b, 4, recompute=recompute, bucket=24)
+        static_shapes = list(shapes)
+        assert torch.equal(res.valid, ref.valid) and torch.equal(res.correct, ref.correct)
+        torch.testing.assert_close(res.loss, ref.loss, rtol=1e-5, atol=1e-6)
+        for a, r in zip(
+            torch.autograd.grad(res.loss, params), torch.autograd.grad(ref.loss, params)
+        ):
+            torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-6)
+        assert len(set(static_shapes)) == 1  # every step the same shape...
+        assert static_shapes[0][0][1] == 24  # ...the bucket's
+        assert len(set(dynamic_shapes)) > 1  # while the skipping unroll's shrink
+        every_static |= set(static_shapes)
+    hook.remove()
+    assert len(every_static) == 1  # and both row lengths run the very same shapes
