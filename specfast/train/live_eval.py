@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -25,8 +26,8 @@ import torch
 from specfast.eval.evaluate import evaluate
 from specfast.eval.prompts import read_prompts
 from specfast.fileio import atomic_dir
-from specfast.model.checkpoint_files import save_draft_weights
-from specfast.model.load import draft_from_weights
+from specfast.model.checkpoint_files import DRAFT_FILE, save_draft_weights
+from specfast.model.load import draft_from_weights, read_checkpoint
 from specfast.targets.base import TargetModel
 
 log = logging.getLogger("specfast")
@@ -85,10 +86,20 @@ class LiveEval:
         return cls(target, cfg.eval_prompts, cfg.eval_k, cfg.eval_limit, cfg.eval_max_new_tokens)
 
     def __call__(self, draft, step: int) -> dict:
-        """Decode the prompts with (a copy of) `draft`; returns the metrics to log for `step`."""
+        """Decode the prompts with (a copy of) `draft`; returns the metrics to log for `step`.
+        Under FSDP2 every rank must make this call (gathering the shards is collective), or use
+        `from_checkpoint` on rank 0 alone."""
+        return self._run(_weights(draft), draft.config, step)
+
+    def from_checkpoint(self, ckpt: str | Path, step: int) -> dict:
+        """The same, for the draft saved in checkpoint folder `ckpt`."""
+        tensors, cfg = read_checkpoint(ckpt)
+        return self._run(tensors, cfg, step)
+
+    def _run(self, tensors: dict, cfg, step: int) -> dict:
         t0 = time.perf_counter()
         with torch.random.fork_rng(devices=[]):  # the draft copy's constructor draws an init
-            copy = draft_from_weights(_weights(draft), draft.config, self.target, f"step {step}")
+            copy = draft_from_weights(tensors, cfg, self.target, f"step {step}")
             with torch.no_grad():
                 res = evaluate(
                     self.target,
@@ -133,7 +144,8 @@ class BestCheckpoint:
         return None if self.best is None else self.best["tau"]
 
     def update(self, draft, step: int, record: dict) -> bool:
-        """Keep `draft` if `record["eval_tau"]` beats the best so far; returns whether it did."""
+        """Keep `draft` (a draft module, or a checkpoint folder to copy the draft file of) if
+        `record["eval_tau"]` beats the best so far; returns whether it did."""
         tau = record["eval_tau"]
         if self.best is not None and tau <= self.best["tau"]:
             return False
@@ -144,7 +156,10 @@ class BestCheckpoint:
             "num_prompts": record.get("eval_num_prompts"),
         }
         with atomic_dir(self.dir) as tmp:
-            save_draft_weights(draft, tmp)
+            if isinstance(draft, (str, Path)):
+                shutil.copyfile(Path(draft) / DRAFT_FILE, tmp / DRAFT_FILE)
+            else:
+                save_draft_weights(draft, tmp)
             (tmp / BEST_FILE).write_text(json.dumps(self.best, indent=2))
         log.info("step %d: best τ so far (%.3f), kept in %s", step, tau, self.dir)
         return True
