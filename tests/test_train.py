@@ -112,8 +112,24 @@ def trained_run(tmp_path_factory, tiny_prepared, tiny_target_dir):
         save_every=10,
         progress=False,
         tensorboard=True,
+        eval_every=10,
+        eval_prompts=str(tiny_prepared / "heldout.jsonl"),
+        eval_limit=2,
+        eval_max_new_tokens=8,
     )
     return out, train(cfg)
+
+
+def test_in_training_eval_logs_tau_and_keeps_the_best_draft(trained_run):
+    out, _ = trained_run
+    rows = read_metrics(out / "metrics.jsonl")
+    evals = {r["step"]: r["eval_tau"] for r in rows if "eval_tau" in r}
+    assert sorted(evals) == [10, 20, 30]
+    assert all(1.0 <= t <= 4.0 for t in evals.values())  # K = 3
+    best = json.loads((out / "best" / "best.json").read_text())
+    assert best["tau"] == max(evals.values())
+    assert evals[best["step"]] == best["tau"]
+    assert (out / "best" / "draft.safetensors").is_file()
 
 
 def test_training_learns_and_writes_metrics_plot_tensorboard(trained_run):

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from specfast.data.prepared import PreparedData
 from specfast.malloc import return_freed_memory
+from specfast.model.init import init_fc
 from specfast.model.load import new_draft
 from specfast.pipeline import is_shard_folder, open_offline, open_online
 from specfast.ttt import metrics_from_counts, ttt_counts
@@ -32,8 +33,9 @@ from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import SINGLE, Ranks, Unroll, batch_fields, gradient_sync
+from .live_eval import BestCheckpoint, LiveEval
 from .metrics import MetricsLog, plot_metrics
-from .schedule import lr_factor
+from .schedule import Schedule
 
 log = logging.getLogger("specfast")
 
@@ -55,6 +57,10 @@ RESUME_MUST_MATCH = (
     "grad_clip",
     "aux_layer_ids",
     "init_from_target",
+    "lr_schedule",
+    "warmup",
+    "fc_init",
+    "fc_init_rms",
 )
 
 
@@ -103,14 +109,27 @@ class Run:
     step: int = 0
     tokens_seen: int = 0
     train_seconds: float = 0.0
+    pending: object = None  # a batch read ahead (for the fc init), trained on first
 
 
-def setup_run(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Run:
+def setup_run(cfg: TrainConfig, ranks: Ranks, device: torch.device, fresh: bool = True) -> Run:
+    """The run's data, draft, model and optimizer. `fresh` (not resuming): initialise `fc` from
+    the first global batch, which is then the first one trained on."""
     torch.manual_seed(cfg.seed)  # the same initial draft on every rank
     if cfg.recompute and device.type == "cpu":
         return_freed_memory()  # memory is the limit: freed blocks leave the process
     batches = open_batches(cfg, device, ranks)
     draft = new_draft(batches.target, batches.vocab, cfg.init_from_target, device)
+    pending = None
+    if fresh:
+        pending = batches.next() if cfg.fc_init == "aux_rms" else None
+        aux = None if pending is None else pending.aux_hidden
+        pos = None if pending is None else pending.positions
+        info = init_fc(draft, aux, pos, cfg.fc_init, cfg.fc_init_rms, cfg.seed)
+        if ranks.distributed:  # rank 0 holds global batch 0, the batch one process would use
+            torch.distributed.broadcast(draft.fc.weight.data, src=0)
+        if ranks.is_main:
+            log.info("fc init: %s", info)
     model = distributed.wrap(
         Unroll(draft, cfg.ttt_steps, cfg.recompute), cfg.parallel, ranks, device
     )
@@ -122,7 +141,9 @@ def setup_run(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Run:
         weight_decay=cfg.weight_decay,
         fused=device.type == "cuda",
     )
-    return Run(cfg, ranks, device, Path(cfg.out), batches, draft, model, params, optimizer)
+    run = Run(cfg, ranks, device, Path(cfg.out), batches, draft, model, params, optimizer)
+    run.pending = pending
+    return run
 
 
 def resume_run(run: Run, where: bool | str) -> Path:
@@ -160,12 +181,7 @@ def resume_run(run: Run, where: bool | str) -> Path:
 
 
 def set_lr(run: Run) -> float:
-    cfg, step = run.cfg, run.step
-    if cfg.max_minutes > 0:  # time-boxed: the decay ends with the budget (or max_steps, if sooner)
-        progress = max(step / cfg.max_steps, run.train_seconds / (cfg.max_minutes * 60))
-    else:
-        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    lr = cfg.lr * lr_factor(step, cfg.warmup_steps, progress, cfg.min_lr_ratio)
+    lr = run.cfg.lr * Schedule.from_config(run.cfg).factor(run.step, run.train_seconds)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     return lr
@@ -183,7 +199,8 @@ def train_step(run: Run) -> dict:
     t0 = time.perf_counter()
     counts, n_tokens, loss_sum, step_loss_sum = None, 0, 0.0, None
     for i in range(cfg.grad_accum):
-        batch = run.batches.next()
+        batch = run.pending if run.pending is not None else run.batches.next()
+        run.pending = None
         with gradient_sync(run.model, sync=i == cfg.grad_accum - 1):
             with autocast:
                 loss, correct, valid, step_losses = run.model(**batch_fields(batch))
@@ -277,7 +294,7 @@ def _progress_bar(run: Run) -> tqdm:
 
 
 def _train(cfg: TrainConfig, where: bool | str, ranks: Ranks, device: torch.device) -> dict:
-    run = setup_run(cfg, ranks, device)
+    run = setup_run(cfg, ranks, device, fresh=not where)
     ckpt = resume_run(run, where) if where else None
     main = ranks.is_main
     metrics = None
@@ -292,6 +309,15 @@ def _train(cfg: TrainConfig, where: bool | str, ranks: Ranks, device: torch.devi
                 cfg.parallel,
                 cfg.grad_accum,
             )
+    live = best = None
+    if cfg.eval_every:
+        if ranks.distributed and cfg.parallel == "fsdp2":
+            raise ValueError(
+                "eval_every: in-training eval under fsdp2 with several ranks is not supported "
+                "yet; evaluate the checkpoints with `specfast eval`"
+            )
+        if main:
+            live, best = LiveEval.for_training(cfg, run.batches.target), BestCheckpoint(run.out)
     window = []  # recent per-step count tensors, for smoothed metrics in the bar and summary
     timed = cfg.max_minutes > 0
     bar = _progress_bar(run)
@@ -301,6 +327,12 @@ def _train(cfg: TrainConfig, where: bool | str, ranks: Ranks, device: torch.devi
             record = train_step(run)
             counts = record.pop("counts")
             window = (window + [counts])[-50:]
+            out_of_time = timed and run.train_seconds >= cfg.max_minutes * 60
+            last = out_of_time or run.step == cfg.max_steps
+            if live is not None and (run.step % cfg.eval_every == 0 or last):
+                ev = live(run.draft, run.step)  # rank 0 alone: the others wait in the next step
+                record.update(ev)
+                best.update(run.draft, run.step, ev)
             if main:
                 metrics.log(record)
                 smooth = metrics_from_counts(sum(window))
@@ -312,7 +344,6 @@ def _train(cfg: TrainConfig, where: bool | str, ranks: Ranks, device: torch.devi
                     tau=f"{smooth['sim_accept_len']:.2f}",
                     tok_s=f"{run.tokens_seen / run.train_seconds:.0f}",
                 )
-            out_of_time = timed and run.train_seconds >= cfg.max_minutes * 60
             if run.step % cfg.save_every == 0 or run.step == cfg.max_steps or out_of_time:
                 save(run, metrics)
                 last_saved = run.step
