@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from specfast.export import export_draft
-from specfast.model.load import DraftFormatError, read_export
+from specfast.model.load import DraftFormatError, read_checkpoint, read_export
 from specfast.train.config import TrainConfig
 from specfast.train.metrics import read_metrics
 from specfast.train.trainer import train
@@ -251,3 +251,29 @@ def test_cli_bad_input_gives_one_line(tmp_path, tiny_prepared):
             args,
             r.stderr[-1500:],
         )
+
+
+def test_init_from_continues_an_exported_draft(
+    tmp_path, trained_run, tiny_prepared, tiny_target_dir
+):
+    """`--init-from EXPORT`: the new run starts from the exported weights (fc included: the aux
+    RMS init is not applied over them); one step at a negligible lr leaves them where they were."""
+    out, _ = trained_run
+    exp = export_draft(out, tmp_path / "export")
+    cfg = TrainConfig(
+        data=str(tiny_prepared),
+        target=str(tiny_target_dir),
+        out=str(tmp_path / "continued"),
+        max_steps=1,
+        ttt_steps=2,
+        batch_tokens=200,
+        lr=1e-12,
+        init_from=str(exp),
+        progress=False,
+        tensorboard=False,
+    )
+    train(cfg)
+    start, _ = read_export(exp)
+    got, _ = read_checkpoint(tmp_path / "continued")
+    for name in ("fc.weight", "lm_head.weight", "midlayer.self_attn.q_proj.weight"):
+        torch.testing.assert_close(got[name].float(), start[name].float(), rtol=0, atol=1e-6)

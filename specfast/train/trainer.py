@@ -119,9 +119,12 @@ def setup_run(cfg: TrainConfig, ranks: Ranks, device: torch.device, fresh: bool 
     if cfg.recompute and device.type == "cpu":
         return_freed_memory()  # memory is the limit: freed blocks leave the process
     batches = open_batches(cfg, device, ranks)
-    draft = new_draft(batches.target, batches.vocab, cfg.init_from_target, device)
+    init_from = cfg.init_from or None  # a published draft to continue
+    draft = new_draft(
+        batches.target, batches.vocab, cfg.init_from_target, device, init_from=init_from
+    )
     pending = None
-    if fresh:
+    if fresh and init_from is None:  # a continued draft keeps its own fc
         pending = batches.next() if cfg.fc_init == "aux_rms" else None
         aux = None if pending is None else pending.aux_hidden
         pos = None if pending is None else pending.positions
