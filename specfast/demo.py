@@ -16,7 +16,7 @@ log = logging.getLogger("specfast")
 
 # Sized for 2 CPU cores: short rows and few TTT steps buy more optimizer steps in the time budget.
 DEMO_TRAIN = dict(
-    ttt_steps=4, batch_tokens=1024, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1, save_every=50
+    ttt_steps=4, batch_tokens=1024, lr=1e-3, warmup=0.05, min_lr_ratio=0.1, save_every=50
 )
 
 
