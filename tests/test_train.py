@@ -277,3 +277,23 @@ def test_init_from_continues_an_exported_draft(
     got, _ = read_checkpoint(tmp_path / "continued")
     for name in ("fc.weight", "lm_head.weight", "midlayer.self_attn.q_proj.weight"):
         torch.testing.assert_close(got[name].float(), start[name].float(), rtol=0, atol=1e-6)
+
+
+def test_static_bucket_trains_the_same_steps(tmp_path, tiny_prepared, tiny_target_dir):
+    """--static-bucket (static shapes) changes the work, not what is trained."""
+    losses = []
+    for bucket in (0, 64):
+        cfg = TrainConfig(
+            data=str(tiny_prepared),
+            target=str(tiny_target_dir),
+            out=str(tmp_path / f"b{bucket}"),
+            max_steps=3,
+            ttt_steps=2,
+            batch_tokens=150,
+            static_bucket=bucket,
+            progress=False,
+            tensorboard=False,
+        )
+        train(cfg)
+        losses.append([r["loss"] for r in read_metrics(tmp_path / f"b{bucket}" / "metrics.jsonl")])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)

@@ -40,6 +40,9 @@ class TrainConfig:
     shard_target: bool = False  # fsdp2, online: shard the frozen target's layers over the ranks
     # Recompute each TTT step's layer in backward: stores a step's inputs, not its activations.
     recompute: bool = False
+    # Pad each row to a multiple of N tokens and compute every row at every TTT step: static
+    # shapes for torch.compile / CUDA graphs (more work than skipping rows); 0 = off.
+    static_bucket: int = 0
     init_from_target: bool = False  # start lm_head and norm from the target's own weights
     # A published EAGLE-3 draft to continue (export folder: vLLM/SGLang, SpecForge or speculators
     # layout; or a checkpoint / run folder); its lm_head follows the data's draft vocabulary.
@@ -64,6 +67,7 @@ class TrainConfig:
         need(self.data, "data is required (a `specfast prepare` output folder)")
         need(self.ttt_steps >= 1, f"ttt_steps must be ≥ 1, not {self.ttt_steps}")
         need(self.batch_tokens >= 16, f"batch_tokens must be ≥ 16, not {self.batch_tokens}")
+        need(self.static_bucket >= 0, f"static_bucket must be ≥ 0, not {self.static_bucket}")
         need(self.grad_accum >= 1, f"grad_accum must be ≥ 1, not {self.grad_accum}")
         need(self.max_steps >= 1, f"max_steps must be ≥ 1, not {self.max_steps}")
         need(self.lr > 0, f"lr must be > 0, not {self.lr}")
