@@ -145,3 +145,14 @@ def test_eval_command(checkpoint, tiny_target_dir, tmp_path, capsys):
     assert written["greedy_mismatched_turns"] == 0
     assert out.with_suffix(".png").stat().st_size > 1000
     assert json.loads(capsys.readouterr().out)["num_prompts"] == 2
+
+
+def test_every_train_flag_says_what_it_does():
+    """The train flags' help comes from the comments on TrainConfig's fields: none is bare."""
+    from dataclasses import fields
+
+    from specfast.train.config import TrainConfig, field_help
+
+    helps = field_help()
+    bare = [f.name for f in fields(TrainConfig) if len(helps.get(f.name, "")) < 10]
+    assert not bare, f"TrainConfig fields without a comment: {bare}"

@@ -4,6 +4,9 @@ flags."""
 from __future__ import annotations
 
 import argparse
+import ast
+import io
+import tokenize
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -16,24 +19,24 @@ class TrainConfig:
         ""  # a prepared dataset folder (specfast prepare) or a shard folder (specfast capture)
     )
     target: str = "smollm2"  # a local Hugging Face folder, or an embedded name
-    out: str = "runs/draft"
-    ttt_steps: int = 7
+    out: str = "runs/draft"  # the run folder: checkpoints, metrics, plots, summary
+    ttt_steps: int = 7  # draft steps unrolled per position (training-time test)
     batch_tokens: int = 2048  # token budget of one packed row (longer samples are cut to it)
-    grad_accum: int = 1
-    max_steps: int = 1000
+    grad_accum: int = 1  # packed rows per optimizer step (per rank)
+    max_steps: int = 1000  # optimizer steps
     max_minutes: float = 0.0  # stop (and save) after this much training time; 0 = no limit
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1
+    lr: float = 3e-4  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1  # the decay ends at this share of lr
     lr_schedule: str = "fraction"  # fraction: warmup a share of the budget | steps: the old shape
     warmup: float = 0.05  # lr_schedule fraction: share of the budget (steps or minutes) warming up
     warmup_steps: int = 50  # lr_schedule steps: warmup length in steps
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 0.5
-    seed: int = 0
-    save_every: int = 200
-    keep_checkpoints: int = 2
+    weight_decay: float = 0.0  # AdamW weight decay
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 0.5  # clip the global gradient norm to this
+    seed: int = 0  # draft init and the data order
+    save_every: int = 200  # steps between checkpoints (and at the end)
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # Under torchrun: ddp (every rank holds the draft) or fsdp2 (draft and optimizer sharded).
     parallel: str = "ddp"
@@ -56,8 +59,8 @@ class TrainConfig:
     eval_k: int = 3  # draft tokens per verification in the in-training eval
     eval_max_new_tokens: int = 128  # per answered turn, in the in-training eval
     aux_layer_ids: str = ""  # comma-separated 0-based layer outputs; empty = EAGLE-3 default
-    tensorboard: bool = True
-    progress: bool = True
+    tensorboard: bool = True  # also write RUN/tensorboard/
+    progress: bool = True  # a progress bar on stderr
 
     def validate(self) -> None:
         def need(cond, msg):
@@ -142,9 +145,36 @@ def load_yaml(path: str | Path) -> dict:
     return d
 
 
+def field_help() -> dict[str, str]:
+    """Each TrainConfig field's comments in this file (the lines just above it and the ones on
+    it): the flags' help, so that it cannot drift from the code."""
+    source = Path(__file__).read_text()
+    comments, whole_line = {}, set()
+    for t in tokenize.generate_tokens(io.StringIO(source).readline):
+        if t.type == tokenize.COMMENT:
+            comments[t.start[0]] = t.string.lstrip("# ").strip()
+            if t.line.lstrip().startswith("#"):
+                whole_line.add(t.start[0])
+    cls = next(
+        n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == "TrainConfig"
+    )
+    out = {}
+    for node in cls.body:
+        if not isinstance(node, ast.AnnAssign):
+            continue
+        above, line = [], node.lineno - 1
+        while line in whole_line:
+            above.insert(0, comments[line])
+            line -= 1
+        on = [comments[i] for i in range(node.lineno, node.end_lineno + 1) if i in comments]
+        out[node.target.id] = " ".join(above + on)
+    return out
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per field (`--batch-tokens`, `--no-tensorboard`); unset flags leave YAML values
     alone."""
+    helps = field_help()
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default
@@ -154,7 +184,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                 dest=f.name,
                 action=argparse.BooleanOptionalAction,
                 default=None,
-                help=f"(default: {default})",
+                help=f"{helps.get(f.name, '')} (default: {default})".lstrip(),
             )
         else:
             parser.add_argument(
@@ -163,7 +193,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                 type=type(default),
                 default=None,
                 metavar=f.name.upper(),
-                help=f"(default: {default!r})",
+                help=f"{helps.get(f.name, '')} (default: {default!r})".lstrip(),
             )
 
 
