@@ -66,5 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         if a.verbose:
             raise
-        print(f"specfast {a.command}: error: {e}", file=sys.stderr)
+        print(f"specfast {a.command}: error: {_rank_prefix()}{e}", file=sys.stderr)
         return 2
+
+
+def _rank_prefix() -> str:
+    """`[rank r] ` under torchrun with several ranks (every rank reports its own errors)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"[rank {os.environ.get('RANK', '?')}] "
+    return ""

@@ -67,6 +67,14 @@ def test_bad_input_is_one_line_with_exit_status_2(tmp_path, capsys):
         assert len(lines) == 1 and lines[0].startswith(prefix) and reason in lines[0], lines
 
 
+def test_a_user_error_on_one_of_several_ranks_names_the_rank(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("specfast export: error: [rank 1] "), err
+
+
 def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
     """A KeyError is a programming error, not bad input: it propagates (Python prints the
     traceback) instead of becoming a one-line message, without needing -v."""
