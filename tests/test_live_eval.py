@@ -60,11 +60,6 @@ def test_live_eval_is_the_eval_path_and_leaves_training_alone(setup, tmp_path):
     assert rec["eval_tau"] == ref["acceptance_length"]
     assert rec["eval_num_drafts"] == ref["num_drafts"]
     assert rec["eval_acceptance_rate"] == ref["acceptance_rate_per_position"]
-    # From the saved checkpoint (rank 0 alone, under FSDP2): the same figures.
-    again = live.from_checkpoint(tmp_path, step=5)
-    assert {k: v for k, v in again.items() if k != "eval_seconds"} == {
-        k: v for k, v in rec.items() if k != "eval_seconds"
-    }
 
 
 def test_best_checkpoint_keeps_the_highest_tau(setup, tmp_path):
@@ -78,9 +73,7 @@ def test_best_checkpoint_keeps_the_highest_tau(setup, tmp_path):
     assert not best.update(draft, 20, {"eval_tau": 1.1, "eval_k": 3})
     assert not best.update(draft, 25, {"eval_tau": 1.2, "eval_k": 3})  # ties keep the earlier
     _nudge(draft, 2)
-    (tmp_path / "ckpt").mkdir()
-    save_draft_weights(draft, tmp_path / "ckpt")  # a checkpoint folder is copied from
-    assert best.update(tmp_path / "ckpt", 30, {"eval_tau": 1.3, "eval_k": 3})
+    assert best.update(draft, 30, {"eval_tau": 1.3, "eval_k": 3})
     kept = load_draft(best_checkpoint(tmp_path), target)
     for k, v in kept.trainable_state_dict().items():
         assert torch.equal(v, draft.trainable_state_dict()[k].float()), k

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -26,8 +25,8 @@ import torch
 from specfast.eval.evaluate import evaluate
 from specfast.eval.prompts import read_prompts
 from specfast.fileio import atomic_dir
-from specfast.model.checkpoint_files import DRAFT_FILE, save_draft_weights
-from specfast.model.load import draft_from_weights, read_checkpoint
+from specfast.model.checkpoint_files import save_draft_weights
+from specfast.model.load import draft_from_weights
 from specfast.targets.base import TargetModel
 
 log = logging.getLogger("specfast")
@@ -42,10 +41,9 @@ def can_decode(target) -> bool:
 
 
 def _weights(draft) -> dict:
-    """The draft's trainable tensors as plain fp32 CPU copies (gathered first if sharded)."""
+    """The draft's trainable tensors as plain fp32 CPU copies."""
     out = {}
     for k, v in draft.trainable_state_dict().items():
-        v = v.full_tensor() if hasattr(v, "full_tensor") else v
         v = v.detach().to("cpu")
         out[k] = v.float().clone() if v.is_floating_point() else v.clone()
     return out
@@ -86,17 +84,9 @@ class LiveEval:
         return cls(target, cfg.eval_prompts, cfg.eval_k, cfg.eval_limit, cfg.eval_max_new_tokens)
 
     def __call__(self, draft, step: int) -> dict:
-        """Decode the prompts with (a copy of) `draft`; returns the metrics to log for `step`.
-        Under FSDP2 every rank must make this call (gathering the shards is collective), or use
-        `from_checkpoint` on rank 0 alone."""
-        return self._run(_weights(draft), draft.config, step)
-
-    def from_checkpoint(self, ckpt: str | Path, step: int) -> dict:
-        """The same, for the draft saved in checkpoint folder `ckpt`."""
-        tensors, cfg = read_checkpoint(ckpt)
-        return self._run(tensors, cfg, step)
-
-    def _run(self, tensors: dict, cfg, step: int) -> dict:
+        """Decode the prompts with (a copy of) `draft`, a whole (unsharded) draft; returns the
+        metrics to log for `step`."""
+        tensors, cfg = _weights(draft), draft.config
         t0 = time.perf_counter()
         with torch.random.fork_rng(devices=[]):  # the draft copy's constructor draws an init
             copy = draft_from_weights(tensors, cfg, self.target, f"step {step}")
@@ -144,8 +134,7 @@ class BestCheckpoint:
         return None if self.best is None else self.best["tau"]
 
     def update(self, draft, step: int, record: dict) -> bool:
-        """Keep `draft` (a draft module, or a checkpoint folder to copy the draft file of) if
-        `record["eval_tau"]` beats the best so far; returns whether it did."""
+        """Keep `draft` if `record["eval_tau"]` beats the best so far; returns whether it did."""
         tau = record["eval_tau"]
         if self.best is not None and tau <= self.best["tau"]:
             return False
@@ -156,10 +145,7 @@ class BestCheckpoint:
             "num_prompts": record.get("eval_num_prompts"),
         }
         with atomic_dir(self.dir) as tmp:
-            if isinstance(draft, (str, Path)):
-                shutil.copyfile(Path(draft) / DRAFT_FILE, tmp / DRAFT_FILE)
-            else:
-                save_draft_weights(draft, tmp)
+            save_draft_weights(draft, tmp)
             (tmp / BEST_FILE).write_text(json.dumps(self.best, indent=2))
         log.info("step %d: best τ so far (%.3f), kept in %s", step, tau, self.dir)
         return True
