@@ -561,6 +561,12 @@ class _TTTAttentionTorch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
+        # The backward runs under the caller's autocast too; its einsums keep their own dtypes.
+        with torch.autocast("cpu", enabled=False):
+            return _TTTAttentionTorch._backward(ctx, dout)
+
+    @staticmethod
+    def _backward(ctx, dout):
         q, out, lse_all = ctx.saved_tensors
         keys, values = ctx.keys, ctx.values
         S, B, Hkv, L, D = keys.shape
@@ -637,5 +643,7 @@ def ttt_attention(q, keys, values, doc_ids=None, scale=None, *, backend="auto"):
             raise RuntimeError(
                 "ttt_attention: backend='torch' is the CPU path; use 'triton' on CUDA"
             )
-        return _TTTAttentionTorch.apply(q, keys, values, doc_ids, scale)
+        # It computes in its inputs' dtype and fp32 by itself: autocast would round its sums.
+        with torch.autocast("cpu", enabled=False):
+            return _TTTAttentionTorch.apply(q, keys, values, doc_ids, scale)
     raise ValueError(f"ttt_attention: unknown backend {backend!r}")

@@ -27,6 +27,22 @@ Worked example, one document "A B C D E" (t = 0..4), steps = 2:
 This is what inference does: after the target emits B from prefix "A", the draft reads (B, a[0]) to
 propose C, then (C, its own hidden) to propose D, each step one position further.
 
+Positions of multimodal (mRoPE) targets. The draft is a plain-RoPE layer; `pos[t]` is the
+target's own position of token t where the target has 3-D mRoPE (Qwen2.5-VL), namely its row 0
+(temporal), and the position within the document otherwise (`draft_positions`). This is what
+vLLM's EAGLE proposer feeds a draft whose config has no mRoPE: it copies the target's positions
+and keeps `positions[0]`, and each further draft step adds 1 to it. Text tokens have three equal
+rows; the tokens of an image all share the row-0 position of the image's start, and the text
+after an image of h×w merged patches continues at start + max(h, w), not at start + h·w. During
+decoding the target's positions are token index + the prompt's mRoPE delta. Worked example,
+"A I1 I2 I3 I4 B C" with I1..I4 one image of 2×2 merged patches (token index 0..6): the target's
+rows are t = 0 1 1 1 1 3 4, h = 0 1 1 2 2 3 4, w = 0 1 2 1 2 3 4, so pos = 0 1 1 1 1 3 4 and at
+step k the row of B (t = 5) is at position 3 + k, not 5 + k. Speech targets (Qwen3-ASR) have
+equal rows equal to the token index: the rule changes nothing there. Eval's proposer
+(specfast.eval.proposer) follows the rule. The batching pipeline (specfast/pipeline.py) does not yet
+pass a target's `PackedTargetOutput.positions` into `PackedBatch.positions`: until it does,
+training uses positions within the document for these targets too.
+
 Loss: Σ_k 0.8^k · loss_k, loss_k the soft cross-entropy over step k's supervised positions divided
 by their count (not by B·T). Metrics per step: accuracy, conditional accuracy (given steps 0..k-1
 right at that position), and the simulated acceptance length τ = 1 + Σ_k Π_{j≤k} cond_acc_j.
@@ -57,7 +73,7 @@ class PackedBatch:
 
     input_ids: torch.Tensor  # int64 [T]
     doc_ids: torch.Tensor  # int64 [T], contiguous runs numbered 0, 1, 2, …
-    positions: torch.Tensor  # int64 [T], position within the document
+    positions: torch.Tensor  # int64 [T], RoPE position (draft_positions: within the document)
     loss_mask: torch.Tensor  # bool [T], token t is an assistant token
     aux_hidden: torch.Tensor  # [T, 3·H_target]
     target_in_vocab: torch.Tensor  # bool [T], the target's own argmax at t is a draft token
@@ -79,7 +95,8 @@ class PackedBatch:
         """fp32 teacher logits [len(rows), V_draft] of the given rows only."""
         if self.teacher_logits is not None:
             return self.teacher_logits[rows].float()
-        return self.teacher_hidden[rows].float() @ self.teacher_weight.float().t()
+        with torch.autocast(self.teacher_hidden.device.type, enabled=False):  # fp32 even then
+            return self.teacher_hidden[rows].float() @ self.teacher_weight.float().t()
 
     def with_teacher_logits_for(self, rows: torch.Tensor) -> "PackedBatch":
         """A copy whose teacher is logits, computed once for `rows` (bool [T]) and zero elsewhere:
@@ -97,6 +114,23 @@ class TTTResult:
     step_losses: list[float]
     correct: torch.Tensor  # bool [steps, T]
     valid: torch.Tensor  # bool [steps, T]
+
+
+def draft_positions(
+    doc_positions: torch.Tensor, target_positions: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The draft's step-0 RoPE positions (see "Positions of multimodal targets" in the module
+    docstring): row 0 of the target's mRoPE positions where the target has them (`target_positions`
+    [T] already row 0, or [3, T]), else the positions within the documents. Step k adds k."""
+    if target_positions is None:
+        return doc_positions
+    if target_positions.dim() == 2:
+        target_positions = target_positions[0]
+    if target_positions.shape != doc_positions.shape:
+        raise ValueError(
+            f"target positions {tuple(target_positions.shape)} for {doc_positions.numel()} tokens"
+        )
+    return target_positions.to(doc_positions.device, doc_positions.dtype)
 
 
 def shifted(x: torch.Tensor, shift: int, fill) -> torch.Tensor:

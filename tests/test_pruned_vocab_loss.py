@@ -297,6 +297,40 @@ def test_teacher_from_hidden_in_another_dtype(seed, backend, dtype, teacher_dtyp
     _check(backend, dtype, hidden, weight, None, mask, teacher_hidden=th, teacher_weight=tw)
 
 
+@pytest.mark.parametrize("keep", ["kept", "recompute"])
+@pytest.mark.parametrize("teacher_form", ["logits", "hidden"])
+def test_bf16_matmuls_match_the_reference_on_rounded_operands(seed, keep, teacher_form):
+    """mm_dtype=bf16 (fp32 weights, as --precision bf16 trains): the same math as the reference
+    on bf16-rounded operands, up to the rounding of each matmul's output to bf16 (2⁻⁸ relative);
+    softmaxes, sums and the fp32 teacher are untouched. Under CPU autocast it is the default."""
+    T, H, V = _odd(17, 41), _odd(17, 71), _odd(97, 229)
+    hidden, weight, teacher, mask = _inputs(T, H, V, torch.float32, "mixed_mask")
+    kw = {}
+    if teacher_form == "hidden":
+        th, tw = _teacher_from_hidden(T, V, torch.float32, "shifted")
+        kw, teacher = dict(teacher_hidden=th, teacher_weight=tw), th @ tw.t()
+    rounded = hidden.bfloat16().float(), weight.bfloat16().float()
+    rloss, rcorrect, rgh, rgw = _run(pruned_vocab_loss_reference, *rounded, teacher, mask)
+    fast = dict(backend="torch", chunk_size=CHUNK, keep_bytes=_keeps(V)[keep], **kw)
+    given = None if teacher_form == "hidden" else teacher
+    loss, correct, gh, gw = _run(
+        pruned_vocab_loss, hidden, weight, given, mask, mm_dtype=torch.bfloat16, **fast
+    )
+    assert loss.dtype == gh.dtype == gw.dtype == torch.float32
+    torch.testing.assert_close(loss, rloss, rtol=1e-2, atol=1e-3)
+    for g, r in ((gh, rgh), (gw, rgw)):
+        torch.testing.assert_close(g, r, rtol=0, atol=3e-2 * r.abs().max().item())
+    z = rounded[0] @ rounded[1].t()
+    top2 = z.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2e-2 * (1 + top2[:, 0].abs())
+    assert torch.equal(correct[clear], rcorrect[clear])
+    # fp32 in, autocast on: the same bf16 path, bit for bit
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = _run(pruned_vocab_loss, hidden, weight, given, mask, **fast)
+    for a, b in zip(auto, (loss, correct, gh, gw)):
+        assert torch.equal(a, b)
+
+
 def test_reference_entry_points_agree(seed):
     T, H, V = 23, 19, 101
     hidden, weight, _, mask = _inputs(T, H, V, torch.float32, "mixed_mask")

@@ -132,6 +132,26 @@ def test_preallocated_buffer_across_steps(seed, backend):
         torch.testing.assert_close(a, b, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_path_ignores_autocast(seed, dtype):
+    """Under `--precision bf16` the trainer runs the draft in CPU autocast: the attention keeps its
+    inputs' dtype and its own fp32 sums, forward and backward, bit for bit as without autocast."""
+    S, B, Hq, Hkv, L, D = 3, 2, 4, 2, 29, 64
+    q = torch.randn(B, Hq, L, D, dtype=dtype).requires_grad_()
+    keys = strided_kv(S, B, Hkv, L, D, dtype).requires_grad_()
+    values = strided_kv(S, B, Hkv, L, D, dtype).requires_grad_()
+    doc_ids = random_doc_ids(B, L, 2)
+    grad = torch.randn(B, Hq, L, D, dtype=dtype)
+    results = []
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = ttt_attention(q, keys, values, doc_ids, backend="torch")
+            results.append((out, *torch.autograd.grad(out, (q, keys, values), grad)))
+    assert results[1][0].dtype == dtype
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_non_contiguous_documents_rejected():
     q = torch.randn(1, 2, 8, 64)
     keys = values = torch.randn(2, 1, 2, 8, 64)

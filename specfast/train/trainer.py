@@ -23,6 +23,7 @@ import yaml
 from tqdm import tqdm
 
 from specfast.data.prepared import PreparedData
+from specfast.device import compute_dtype
 from specfast.malloc import return_freed_memory
 from specfast.model.init import init_fc
 from specfast.model.load import new_draft
@@ -81,13 +82,18 @@ def open_batches(cfg: TrainConfig, device: torch.device, ranks: Ranks = SINGLE):
         ids = cfg.parsed_aux_layer_ids()
         if ids is not None and ids != captured:
             raise ValueError(f"{cfg.data}: captured aux layers {captured}, config asks for {ids}")
-        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+        dtype = compute_dtype(cfg.precision, device)
         target = HeadsOnlyTarget(
             resolve_target_path(cfg.target), captured, device, dtype, cfg.target
         )
         return open_offline(dataset, target, cfg.batch_tokens, cfg.seed, device, **split)
     data = PreparedData.load(cfg.data)  # before the target: bad data fails fast
-    target = load_target(cfg.target, device=str(device), aux_layer_ids=cfg.parsed_aux_layer_ids())
+    target = load_target(
+        cfg.target,
+        device=str(device),
+        dtype=compute_dtype(cfg.precision, device),
+        aux_layer_ids=cfg.parsed_aux_layer_ids(),
+    )
     if cfg.shard_target and ranks.distributed:
         distributed.shard_target_layers(target)
     return open_online(data, target, cfg.batch_tokens, cfg.seed, device, **split)
@@ -194,9 +200,10 @@ def train_step(run: Run) -> dict:
     """One optimizer step over grad_accum micro-batches per rank; returns the step's global
     metrics (sums over all ranks' batches)."""
     cfg = run.cfg
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if run.device.type == "cuda"
+    dtype = compute_dtype(cfg.precision, run.device)
+    autocast = (  # fp32 weights, optimizer and sums; bf16 matmuls
+        torch.autocast(run.device.type, dtype=dtype)
+        if dtype != torch.float32
         else contextlib.nullcontext()
     )
     t0 = time.perf_counter()
