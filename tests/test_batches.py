@@ -24,18 +24,53 @@ def greedy_reference(lengths, batch_tokens, order):
     return out + ([cur] if cur else [])
 
 
-def test_plan_is_the_seeded_permutation_packed_greedily(seed):
+def refill_reference(lengths, batch_tokens, order, seed, epoch, window):
+    """Plain-Python definition of the refill: each window of `order`, first-fit decreasing into
+    bins of batch_tokens (longest first, ties in order), the bins in a seeded order."""
+    out = []
+    for w, start in enumerate(range(0, len(order), window)):
+        part = [int(i) for i in order[start : start + window]]
+        size = {i: min(int(lengths[i]), batch_tokens) for i in part}
+        bins = []
+        for i in sorted(part, key=lambda i: -size[i]):  # sorted() is stable
+            for b in bins:
+                if sum(size[j] for j in b) + size[i] <= batch_tokens:
+                    b.append(i)
+                    break
+            else:
+                bins.append([i])
+        perm = _shardio.permutation(len(bins), seed ^ 0x9E3779B97F4A7C15, (epoch << 32) + w)
+        out += [i for b in perm for i in bins[b]]
+    return out
+
+
+def test_plan_is_the_seeded_permutation_refilled_and_packed_greedily(seed):
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(1, 80, size=97)  # some longer than the batch_tokens: cut to it
-    eligible = np.sort(rng.choice(97, size=80, replace=False))
+    lengths = rng.integers(1, 80, size=197)  # some longer than the batch_tokens: cut to it
+    eligible = np.sort(rng.choice(197, size=180, replace=False))  # windows of 64 and a remainder
     plan = BatchPlan(lengths, 64, seed=seed, eligible=eligible)
     for epoch in range(2):
-        order = eligible[_shardio.permutation(len(eligible), seed, epoch)]
+        shuffled = eligible[_shardio.permutation(len(eligible), seed, epoch)]
+        order = refill_reference(lengths, 64, shuffled, seed, epoch, 64)
         want = greedy_reference(lengths, 64, order)
         got = [plan.next().tolist() for _ in range(len(want))]
         assert got == want
         assert sorted(sum(got, [])) == eligible.tolist()
     assert plan.state_dict()["epoch"] == 1
+
+
+def test_refill_fills_batches_fuller_than_plain_greedy(seed):
+    """The point of the refill: batches near the budget and of nearly equal size (ShareGPT-like
+    lengths, most far under the budget), so N ranks wait little for each other."""
+    rng = np.random.default_rng(seed)
+    lengths = np.minimum(rng.lognormal(5.5, 1.0, size=3000).astype(np.int64) + 1, 1024)
+    plan = BatchPlan(lengths, 1024, seed=seed)
+    refilled = [int(plan.lengths[plan.next()].sum()) for _ in range(200)]
+    plain = greedy_reference(lengths, 1024, np.arange(3000)[_shardio.permutation(3000, seed, 0)])
+    plain = [int(lengths[b].sum()) for b in plain[:200]]
+    assert max(refilled) <= 1024
+    assert np.mean(refilled) > 0.95 * 1024 > np.mean(plain)
+    assert np.mean(refilled) / np.max(np.reshape(refilled, (-1, 2)), axis=1).mean() > 0.95
 
 
 def test_unshuffled_plan_and_epoch_batches_from_any_sample(seed):

@@ -2,11 +2,20 @@
 specfast: online training, offline training and capture all draw their batches from it.
 
 Definition. Sample lengths are cut to the token budget (`batch_tokens`). Epoch e visits the eligible
-samples in the order `eligible[permutation(len(eligible), seed, e)]` (shuffled) or `eligible` (not
-shuffled), and packs them greedily from the current position: a batch takes samples in that order
-while their lengths fit the token budget (a batch always takes at least one sample). No sample is
-split, no padding is added. Packing greedily from any position means a stream resumed at a batch
-boundary continues with exactly the batches it would have had, and capture can resume at any sample.
+samples in the order `eligible[permutation(len(eligible), seed, e)]` refilled (shuffled), or
+`eligible` (not shuffled), and packs them greedily from the current position: a batch takes samples
+in that order while their lengths fit the token budget (a batch always takes at least one sample).
+No sample is split, no padding is added.
+
+Refilling (`fill_order`) reorders each window of FILL_WINDOW consecutive samples of the permutation
+by first-fit decreasing: the window's samples, longest first (ties: earlier first), each go into the
+first bin with room, and the bins follow each other in the order
+`permutation(bins, seed ^ FILL_SALT, epoch · 2³² + window)`. Greedy packing then fills batches to
+~97-99% of the budget instead of ~87-94% (ShareGPT at 512-2,048 tokens), and batches are of nearly
+equal size: what keeps N ranks in step (a step waits for the rank with the biggest batch).
+
+Packing greedily from any position means a stream resumed at a batch boundary continues with
+exactly the batches it would have had, and capture can resume at any sample.
 
 The global stream is the batches of epoch 0, then epoch 1, and so on. Its position is
 `(epoch, cursor)`, the index in the epoch's order of the first sample not yet handed out; that pair
@@ -28,6 +37,34 @@ from typing import Iterator, Protocol
 import numpy as np
 
 from specfast import _shardio
+
+FILL_WINDOW = 64  # samples reordered together (see the definition): small enough to stay shuffled
+FILL_SALT = 0x9E3779B97F4A7C15  # bins are ordered by another stream than the epoch's permutation
+
+
+def fill_order(
+    lengths: np.ndarray, batch_tokens: int, seed: int, epoch: int, window: int = FILL_WINDOW
+) -> np.ndarray:
+    """Positions 0..n-1 of `lengths` (already cut to `batch_tokens`), reordered window by window
+    into first-fit-decreasing bins, the bins in a seeded order (see the module docstring)."""
+    out = []
+    for w, start in enumerate(range(0, len(lengths), window)):
+        chunk = lengths[start : start + window]
+        bins: list[list[int]] = []
+        room: list[int] = []
+        for i in np.argsort(-chunk, kind="stable"):
+            n = int(chunk[i])
+            for b, free in enumerate(room):
+                if n <= free:
+                    bins[b].append(start + int(i))
+                    room[b] -= n
+                    break
+            else:
+                bins.append([start + int(i)])
+                room.append(batch_tokens - n)
+        for b in _shardio.permutation(len(bins), seed ^ FILL_SALT, (epoch << 32) + w):
+            out.extend(bins[b])
+    return np.asarray(out, dtype=np.int64)
 
 
 class SampleSource(Protocol):
@@ -86,7 +123,8 @@ class BatchPlan:
         """Sample indices in epoch `epoch`'s order."""
         if not self.shuffle:
             return self.eligible
-        return self.eligible[_shardio.permutation(len(self.eligible), self.seed, epoch)]
+        order = self.eligible[_shardio.permutation(len(self.eligible), self.seed, epoch)]
+        return order[fill_order(self.lengths[order], self.batch_tokens, self.seed, epoch)]
 
     def _bounds(self, epoch: int, cursor: int) -> tuple[np.ndarray, np.ndarray]:
         """(order, bounds) with batches packed greedily from `cursor`: batch k is
