@@ -52,6 +52,14 @@ class PrepareStats:
     supervised_tokens: int = 0
 
 
+def _is_multimodal_target(target_name: str) -> bool:
+    """A local vision-language or speech model folder (specfast.targets.multimodal)."""
+    from specfast.targets.multimodal import is_multimodal_folder
+
+    path = Path(target_name).expanduser()
+    return path.is_dir() and is_multimodal_folder(path)
+
+
 def prepare(
     inputs: list[str | Path],
     out: str | Path,
@@ -68,12 +76,35 @@ def prepare(
     progress: bool = True,
 ) -> PrepareStats:
     """Read, (optionally regenerate,) template, tokenise, select the draft vocabulary, write `out`.
-    `regenerate_with` is a TargetModel whose own answers replace the assistant turns."""
+    `regenerate_with` is a TargetModel whose own answers replace the assistant turns. For a
+    vision-language or speech target folder, records may hold media (specfast.data.media)."""
     if overlong not in ("truncate", "drop"):
         raise ValueError(f"--overlong must be 'truncate' or 'drop', not {overlong!r}")
     if max_len < 8:
         raise ValueError(f"--max-len {max_len} is too small")
     out = Path(out)
+    if _is_multimodal_target(target_name):
+        if regenerate_with is not None:
+            raise ValueError("--regenerate is not supported for vision/speech targets yet")
+        from specfast.targets.multimodal import MediaProcessor
+
+        from .media import prepare_multimodal
+
+        return prepare_multimodal(
+            inputs,
+            out,
+            MediaProcessor(target_name),
+            target_name,
+            draft_vocab_size=draft_vocab_size,
+            max_len=max_len,
+            overlong=overlong,
+            heldout=heldout,
+            limit=limit,
+            progress=progress,
+        )
+    from .media import MEDIA_INDEX
+
+    (out / MEDIA_INDEX).unlink(missing_ok=True)  # a text dataset has no media index
     stats = PrepareStats()
     t0 = time.time()
 

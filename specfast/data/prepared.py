@@ -6,6 +6,8 @@
     DIR/heldout.jsonl      conversations kept out of training, for `specfast eval`
     DIR/meta.json          what produced it, counts, coverage; written last, so its presence means
                            complete
+    DIR/media.json, media/ for vision/speech targets only: each sample's images or audio clips,
+                           stored by content hash (specfast.data.media)
 
 It is one of the two sample sources of the batching pipeline (specfast.pipeline): `lengths()` for
 the batch plan, `read()` for a batch's tokens.
@@ -58,6 +60,7 @@ class PreparedData:
     offsets: torch.Tensor  # int64 [S + 1]
     vocab: DraftVocab
     meta: dict
+    media: object = None  # specfast.data.media.MediaTable, for data with images / audio
 
     def __len__(self) -> int:
         return self.offsets.numel() - 1
@@ -77,7 +80,28 @@ class PreparedData:
         mask = [p[1][:batch_tokens].bool() for p in parts]
         offsets = torch.zeros(len(parts) + 1, dtype=torch.int64)
         torch.cumsum(torch.tensor([x.numel() for x in ids]), 0, out=offsets[1:])
-        return torch.cat(ids), torch.cat(mask), offsets
+        if self.media is None:
+            return torch.cat(ids), torch.cat(mask), offsets
+        return (
+            self._with_media(indices, parts, batch_tokens, torch.cat(ids)),
+            torch.cat(mask),
+            offsets,
+        )
+
+    def _with_media(self, indices, parts, batch_tokens: int, ids: torch.Tensor) -> torch.Tensor:
+        """`ids` with the batch's media attached (specfast.data.media); a sample with media is
+        never cut to the budget."""
+        from .media import BatchMedia, MediaStore, attach
+
+        for i, p in zip(indices, parts):
+            if int(i) in self.media.samples and p[0].numel() > batch_tokens:
+                raise ValueError(
+                    f"{self.root}: sample {int(i)} ({self.media.sources.get(int(i), '')}) has "
+                    f"media and {p[0].numel()} tokens, more than --batch-tokens {batch_tokens}: "
+                    "a sample's media are never cut from its text; use --batch-tokens >= "
+                    f"{self.meta.get('media', {}).get('max_sample_tokens', p[0].numel())}"
+                )
+        return attach(ids, BatchMedia.from_table(self.media, MediaStore(self.root), indices))
 
     @staticmethod
     def load(root: str | Path) -> "PreparedData":
@@ -102,7 +126,17 @@ class PreparedData:
         ):
             raise ValueError(f"{root / 'data.safetensors'}: offsets do not describe {n} tokens")
         vocab = read_vocab(root, float(meta["vocab"]["coverage"]))
-        return PreparedData(root, data["input_ids"], data["loss_mask"].bool(), offsets, vocab, meta)
+        from .media import MediaTable
+
+        return PreparedData(
+            root,
+            data["input_ids"],
+            data["loss_mask"].bool(),
+            offsets,
+            vocab,
+            meta,
+            MediaTable.load(root),
+        )
 
     @staticmethod
     def save(
