@@ -2,6 +2,7 @@
 
 from .base import PackedTargetOutput, TargetCache, TargetModel
 from .hf import HFTarget
+from .multimodal import MultimodalTarget
 from .registry import load_target, resolve_target_path
 
 __all__ = [
@@ -9,6 +10,7 @@ __all__ = [
     "TargetCache",
     "PackedTargetOutput",
     "HFTarget",
+    "MultimodalTarget",
     "load_target",
     "resolve_target_path",
 ]

@@ -25,6 +25,10 @@ class PackedTargetOutput:
     # for (`argmax_rows` of forward_packed; all rows without it) and -1 at the others. Index with
     # it only where it is >= 0: -1 would silently pick a tensor's last element.
     argmax: torch.Tensor
+    # [T] int64, or None: the draft's RoPE position of each row where it is not the position within
+    # the document (multimodal targets with mRoPE: row 0 of the target's positions; see
+    # specfast.ttt.draft_positions). None for text targets.
+    positions: torch.Tensor | None = None
 
 
 class TargetCache(Protocol):

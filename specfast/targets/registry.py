@@ -70,8 +70,17 @@ def resolve_target_path(name: str) -> Path:
 def load_target(
     name: str, device: str | torch.device = "cpu", dtype=None, aux_layer_ids=None
 ) -> HFTarget:
+    """The target backend for the folder: MultimodalTarget for a supported vision-language or
+    speech model (specfast.targets.multimodal), HFTarget for any causal LM."""
+    from .multimodal import MultimodalTarget, is_multimodal_folder
+
+    path = resolve_target_path(name)
+    if is_multimodal_folder(path):
+        return MultimodalTarget(
+            path, device=device, dtype=dtype, aux_layer_ids=aux_layer_ids, name=name
+        )
     return HFTarget(
-        resolve_target_path(name),
+        path,
         device=device,
         dtype=dtype,
         aux_layer_ids=aux_layer_ids,
