@@ -62,6 +62,21 @@ def accept_sampled(
     return len(proposals), sample(p[len(proposals)], generator)
 
 
+def new_cache(target, media: list | None):
+    """The target's cache for one sequence, holding the prompt's media where there are any."""
+    return target.new_cache(media) if media else target.new_cache()
+
+
+def extend(proposer, cache, start: int, tokens: list[int], aux: torch.Tensor) -> None:
+    """Feed the proposer positions start..start+len(tokens)-1, with the RoPE positions the
+    target's cache gives for them when it has its own (mRoPE targets)."""
+    positions = getattr(cache, "draft_positions", None)
+    if positions is None:
+        proposer.extend(tokens, aux)
+    else:
+        proposer.extend(tokens, aux, positions(start, start + len(tokens)))
+
+
 def _stop(tokens: list[int], eos_ids: set[int], max_new_tokens: int) -> tuple[list[int], bool]:
     """Cut at the first EOS (kept) and at max_new_tokens; True when generation is over."""
     for i, t in enumerate(tokens[:max_new_tokens]):
@@ -77,9 +92,11 @@ def generate_plain(
     max_new_tokens: int,
     eos_ids: set[int],
     generator: torch.Generator | None = None,
+    media: list | None = None,
 ) -> list[int]:
-    """The target alone, one token per forward (the baseline)."""
-    cache = target.new_cache()
+    """The target alone, one token per forward (the baseline). `media`: the prompt's images or
+    audio, for a multimodal target."""
+    cache = new_cache(target, media)
     logits, _ = target.forward_cached(prompt_ids, cache)
     out: list[int] = []
     while True:
@@ -100,20 +117,22 @@ def generate_speculative(
     eos_ids: set[int],
     generator: torch.Generator | None,
     stats: AcceptanceStats,
+    media: list | None = None,
 ) -> list[int]:
     """Chain speculative decoding (see the module docstring). `proposer` has reset(),
-    extend(next_tokens, aux_hidden) and propose(k, temperature, generator) -> Proposal
-    (specfast.eval.proposer)."""
+    extend(next_tokens, aux_hidden[, positions]) and propose(k, temperature, generator) ->
+    Proposal (specfast.eval.proposer). `media`: the prompt's images or audio, for a multimodal
+    target, whose cache then gives the draft its RoPE positions (specfast.ttt.draft_positions)."""
     if max_new_tokens < 1:
         return []
-    cache = target.new_cache()
+    cache = new_cache(target, media)
     logits, aux = target.forward_cached(prompt_ids, cache, with_aux=True)
     out = [pick(logits[-1], temperature, generator)]
     out, done = _stop(out, eos_ids, max_new_tokens)
     if done:
         return out
     proposer.reset()
-    proposer.extend(prompt_ids[1:] + out, aux)  # positions 0..L-1 predict x[1..L]
+    extend(proposer, cache, 0, prompt_ids[1:] + out, aux)  # positions 0..L-1 predict x[1..L]
     while True:
         proposal = proposer.propose(k, temperature, generator)
         if len(proposal.tokens) != k:
@@ -134,4 +153,4 @@ def generate_speculative(
         out, done = _stop(out + new, eos_ids, max_new_tokens)
         if done:
             return out
-        proposer.extend(new, aux[:, : n + 1])
+        extend(proposer, cache, length, new, aux[:, : n + 1])

@@ -43,7 +43,7 @@ def _as_prompts(prompts) -> list[Prompt]:
             out.append(p)
         elif isinstance(p, str):
             out.append(Prompt(turns=[p], where=f"prompt {i}"))
-        elif isinstance(p, (list, tuple)) and p and all(isinstance(t, str) for t in p):
+        elif isinstance(p, (list, tuple)) and p and all(isinstance(t, (str, list)) for t in p):
             out.append(Prompt(turns=list(p), where=f"prompt {i}"))
         else:
             raise ValueError(f"prompt {i}: expected a Prompt, a string or a list of user turns")
@@ -60,17 +60,30 @@ def _run_conversation(
     generating: prefill + decoding, not tokenisation)."""
     tok = target.tokenizer
     messages = [{"role": "system", "content": prompt.system}] if prompt.system else []
-    outputs, seconds = [], 0.0
-    for turn in prompt.turns:
+    outputs, seconds, media = [], 0.0, []
+    for i, turn in enumerate(prompt.turns):
         messages.append({"role": "user", "content": turn})
-        ids = encode_prompt(tok, messages, prompt.where)
+        media += prompt.media[i] if i < len(prompt.media) else []
+        ids = encode_turn(target, messages, media, prompt.where)
         t0 = time.perf_counter()
-        out = generate_turn(ids)
+        out = generate_turn(ids, media) if media else generate_turn(ids)
         seconds += time.perf_counter() - t0
         outputs.append(out)
         answer = tok.decode([t for t in out if t not in eos], skip_special_tokens=True)
         messages.append({"role": "assistant", "content": answer})
     return outputs, seconds
+
+
+def encode_turn(target, messages: list[dict], media: list, where: str) -> list[int]:
+    """Prompt token ids of a conversation so far: a multimodal target's own processor (media
+    placeholders expanded), else the tokenizer's chat template (text parts joined)."""
+    if hasattr(target, "encode_prompt"):
+        return target.encode_prompt(messages, media, where)
+    if media:
+        raise ValueError(f"{where}: images or audio in a prompt, but the target reads text only")
+    from specfast.data.media import flatten_text
+
+    return encode_prompt(target.tokenizer, flatten_text(messages), where)
 
 
 def _speed(tokens: int, seconds: float) -> dict:
@@ -123,20 +136,23 @@ def evaluate(
     gen_base = torch.Generator().manual_seed(seed)
     gen_spec = torch.Generator().manual_seed(seed + 1)
 
-    def plain(ids):
-        return generate_plain(target, ids, temperature, max_new_tokens, eos, gen_base)
+    def plain(ids, media=None):
+        return generate_plain(target, ids, temperature, max_new_tokens, eos, gen_base, media)
 
     def speculative(stats):
-        return lambda ids: generate_speculative(
-            target, proposer, ids, k, temperature, max_new_tokens, eos, gen_spec, stats
+        return lambda ids, media=None: generate_speculative(
+            target, proposer, ids, k, temperature, max_new_tokens, eos, gen_spec, stats, media
         )
 
     # Warm-up (untimed): the first forwards pay one-off allocation and dispatch costs.
     first = prompts[0]
-    warm_ids = encode_prompt(
-        target.tokenizer, [{"role": "user", "content": first.turns[0]}], first.where
+    warm_media = first.media[0] if first.media else []
+    warm_ids = encode_turn(
+        target, [{"role": "user", "content": first.turns[0]}], warm_media, first.where
     )
-    generate_plain(target, warm_ids, temperature, 2, eos, torch.Generator().manual_seed(seed))
+    generate_plain(
+        target, warm_ids, temperature, 2, eos, torch.Generator().manual_seed(seed), warm_media
+    )
     generate_speculative(
         target,
         proposer,
@@ -147,6 +163,7 @@ def evaluate(
         eos,
         torch.Generator().manual_seed(seed),
         AcceptanceStats(k),
+        warm_media,
     )
 
     total = AcceptanceStats(k)

@@ -75,6 +75,7 @@ class Eagle3Proposer:
         self.draft = draft
         self.cache = DraftKVCache()
         self.committed = 0  # positions whose keys came from target features
+        self.last_position = -1  # RoPE position of committed-1
         self.h_last: torch.Tensor | None = None  # [1, 1, H], output at position committed-1
         self.d2t = draft.d2t.tolist()
         self.draft_ids = draft.draft_ids.cpu()
@@ -82,12 +83,15 @@ class Eagle3Proposer:
     def reset(self) -> None:
         self.cache = DraftKVCache()
         self.committed = 0
+        self.last_position = -1
         self.h_last = None
 
     @torch.no_grad()
-    def extend(self, next_tokens: list[int], aux_hidden: torch.Tensor) -> None:
+    def extend(self, next_tokens: list[int], aux_hidden: torch.Tensor, positions=None) -> None:
         """next_tokens[i] = x[t+1] and aux_hidden[0, i] = a[t] for the newly verified positions
-        t = committed, committed+1, …; aux_hidden [1, n, 3·H_target]."""
+        t = committed, committed+1, …; aux_hidden [1, n, 3·H_target]. `positions` [n]: their
+        RoPE positions where they are not t (an mRoPE target: row 0 of its positions, see
+        specfast.ttt.draft_positions); proposals continue from the last one + 1, + 2, …"""
         n = len(next_tokens)
         if aux_hidden.shape[1] != n:
             raise ValueError(f"{n} tokens but {aux_hidden.shape[1]} aux hidden states")
@@ -97,8 +101,11 @@ class Eagle3Proposer:
         dev = d.fc.weight.device
         h = d.fc(aux_hidden.to(device=dev, dtype=d.fc.weight.dtype))
         tokens = torch.tensor([next_tokens], device=dev)
-        positions = torch.arange(self.committed, self.committed + n, device=dev)[None]
+        if positions is None:
+            positions = torch.arange(self.committed, self.committed + n)
+        positions = torch.as_tensor(positions, device=dev).reshape(1, n)
         out = d.step(tokens, h, positions, self.cache.attend)
+        self.last_position = int(positions[0, -1])
         self.committed += n
         self.h_last = out[:, -1:]
 
@@ -112,7 +119,7 @@ class Eagle3Proposer:
         for j in range(k):
             if j > 0:
                 token = torch.tensor([[tokens[-1]]], device=dev)
-                pos = torch.tensor([[self.committed - 1 + j]], device=dev)
+                pos = torch.tensor([[self.last_position + j]], device=dev)
                 h = d.step(token, h, pos, self.cache.attend)
             logits = d.logits(h)[0, -1].float()
             if temperature == 0:
