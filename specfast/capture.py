@@ -6,6 +6,9 @@ The shard folder is self-contained: besides the shards and manifest it holds the
 `--batch-tokens` (the training token budget), and samples with no assistant token within it are left
 out — exactly the samples, in the same order, that online training draws from, so offline and online
 runs with the same seed see the same batches. Killed at any moment, it resumes where it stopped.
+For a vision or speech target the shards hold every position (media placeholders included) and
+`OUT/text_target/` its text side (specfast.targets.multimodal.write_text_view): offline training
+(`--target OUT/text_target`) needs neither the media nor the media encoder.
 
 Under torchrun with N ranks, the target forwards of the one-process capture (the unshuffled plan's
 batches) are cut into N consecutive runs; rank r captures run r into `OUT/rank-r/`, resumable on its
@@ -129,6 +132,7 @@ def capture(
                 with atomic_path(out / VOCAB_FILE) as tmp:
                     shutil.copyfile(data.root / VOCAB_FILE, tmp)
             atomic_write_json(out / "prepared_meta.json", data.meta)
+            _write_text_view(target, out)
         split = rank_split(plan, ranks.world_size)
         start, end = split[ranks.rank], split[ranks.rank + 1]
         part = out / f"rank-{ranks.rank}" if ranks.distributed else out
@@ -150,6 +154,17 @@ def capture(
         distributed.teardown()
     log.info("captured %d samples to %s", total, out)
     return {"samples": total, "out": str(out)}
+
+
+def _write_text_view(target, out: Path) -> None:
+    """A vision/speech target's text side beside its shards, for offline training (the shards
+    hold every position's hidden states, media positions included: training never reads the
+    media again)."""
+    from specfast.targets.multimodal import TEXT_VIEW, MultimodalTarget, write_text_view
+
+    if isinstance(target, MultimodalTarget):
+        view = write_text_view(target, out / TEXT_VIEW)
+        log.info("offline training from these shards: --target %s", view)
 
 
 def is_merged(out: Path) -> bool:
