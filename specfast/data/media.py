@@ -541,7 +541,7 @@ def prepare_multimodal(
             "kind": processor.kind,
             "samples_with_media": len(table.samples),
             "media_items": media_items,
-            "distinct_files": len(list(store.dir.glob("*"))) if store.dir.is_dir() else 0,
+            "distinct_media": len({r.sha256 for refs in table.samples.values() for r in refs}),
             "dropped_overlong_with_media": dropped_media,
             "max_sample_tokens": longest,
         },
