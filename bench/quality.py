@@ -44,8 +44,9 @@ WORK = Path.home() / ".cache" / "specfast-bench" / "quality"
 # Today's defaults, pinned, and the fixes of issue 11 one at a time and together.
 BASE = [
     "--lr", "3e-4", "--warmup-steps", "50", "--ttt-steps", "7", "--min-lr-ratio", "0.1",
-    "--lr-schedule", "steps", "--fc-init", "normal",
+    "--lr-schedule", "steps", "--fc-init", "normal", "--precision", "fp32",
 ]  # fmt: skip
+DEMO = ["--lr", "1e-3", "--ttt-steps", "4", "--warmup-steps", "10"]
 FIXES = {
     "fc_init": ["--fc-init", "aux_rms"],
     "schedule": ["--lr-schedule", "fraction", "--warmup", "0.05"],
@@ -55,7 +56,15 @@ FIXES = {
 # name -> (flags after BASE, config fields whose effect the variant measures, data: base|onpolicy)
 VARIANTS = {
     "defaults": ([], [], "base"),
-    "demo-recipe": (["--lr", "1e-3", "--ttt-steps", "4", "--warmup-steps", "10"], [], "base"),
+    "demo-recipe": (DEMO, [], "base"),
+    "bf16": (["--precision", "bf16"], ["precision"], "base"),
+    "demo-recipe-bf16": (DEMO + ["--precision", "bf16"], ["precision"], "base"),
+    "demo-recipe-bf16-ttt2": (
+        DEMO + ["--precision", "bf16", "--ttt-steps", "2"],
+        ["precision"],
+        "base",
+    ),
+    "demo-recipe-bf16+on-policy": (DEMO + ["--precision", "bf16"], ["precision"], "onpolicy"),
     "fc-init": (FIXES["fc_init"], ["fc_init"], "base"),
     "schedule": (FIXES["schedule"], ["lr_schedule", "warmup"], "base"),
     "lr-1e-3": (FIXES["lr"], [], "base"),
@@ -73,6 +82,7 @@ WIRING = {
     "fc_init": r"\binit_fc\(|\bcfg\.fc_init\b",
     "lr_schedule": r"\bSchedule\.from_config\(|\bcfg\.lr_schedule\b",
     "warmup": r"\bSchedule\.from_config\(|\bcfg\.warmup\b",
+    "precision": r"\bcfg\.precision\b",
 }
 # The modules that define these settings and building blocks (their use of them proves nothing).
 DEFINERS = {"train/config.py", "train/schedule.py", "model/init.py", "train/live_eval.py"}
@@ -129,9 +139,11 @@ def run_variant(name: str, data: Path, prompts: Path, a, work: Path) -> dict:
     run.mkdir(parents=True)
     log = run / "log.txt"
     t0 = time.time()
+    budget = ["--max-steps", str(a.steps)] if a.steps else ["--max-minutes", str(a.minutes)]
+    budget += [] if a.steps else ["--max-steps", "1000000"]
     specfast(
-        "train", "--data", str(data), "--out", str(run), "--max-minutes", str(a.minutes),
-        "--max-steps", "1000000", "--save-every", "1000000", "--batch-tokens", str(a.batch_tokens),
+        "train", "--data", str(data), "--out", str(run), *budget,
+        "--save-every", "1000000", "--batch-tokens", str(a.batch_tokens),
         "--device", "cpu", "--no-progress", "--no-tensorboard", *BASE, *flags,
         log=log,
     )  # fmt: skip
@@ -183,6 +195,13 @@ def report(results: list[dict], a) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--minutes", type=float, default=30.0, help="training budget per variant")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=0,
+        help="a fixed number of optimizer steps per variant instead of --minutes: robust to a "
+        "shared machine, but it compares quality per step, not per CPU minute",
+    )
     p.add_argument("--conversations", type=int, default=3000)
     p.add_argument("--heldout", type=int, default=64)
     p.add_argument("--prompts", type=int, default=32, help="held-out prompts evaluated")
@@ -225,8 +244,9 @@ def main(argv=None) -> int:
         results.append(entry)
     (a.work / "results.json").write_text(json.dumps(results, indent=2))
 
+    budget = f"{a.steps} optimizer steps" if a.steps else f"{a.minutes:g} min of training"
     body = [
-        f"Each variant: {a.minutes:g} min of training on one core (one thread), "
+        f"Each variant: {budget} on one core (one thread), "
         f"{a.conversations} ShareGPT conversations, {a.batch_tokens}-token rows; τ by real "
         f"speculative decoding (greedy) of {a.prompts} held-out first turns, up to "
         f"{a.max_new_tokens} new tokens. `defaults` = {' '.join(BASE)}.",
