@@ -98,3 +98,27 @@ def test_live_eval_refuses_what_cannot_decode(setup, tmp_path):
     bad.write_text('{"nothing": 1}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         LiveEval(target, bad)
+
+
+def test_metrics_png_plots_measured_tau(tmp_path):
+    """RUN/metrics.png has a τ panel: the simulated τ of every step, and the measured one where
+    an in-training eval ran (so two runs that differ only in their eval records differ)."""
+    import json
+
+    from specfast.train.metrics import plot_metrics
+
+    def rows(with_eval):
+        for step in range(1, 31):
+            r = {"step": step, "loss": 10 - step / 10, "acc": [0.1, 0.05], "sim_accept_len": 1.1}
+            if with_eval and step % 10 == 0:
+                r.update(eval_tau=1.0 + step / 100, eval_k=3)
+            yield json.dumps(r)
+
+    pngs = []
+    for with_eval in (False, True):
+        metrics = tmp_path / f"m{with_eval}.jsonl"
+        metrics.write_text("\n".join(rows(with_eval)) + "\n")
+        plot_metrics(metrics, tmp_path / f"m{with_eval}.png")
+        pngs.append((tmp_path / f"m{with_eval}.png").read_bytes())
+    assert all(len(p) > 1000 for p in pngs)
+    assert pngs[0] != pngs[1]

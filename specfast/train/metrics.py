@@ -65,7 +65,9 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_metrics(metrics_path: Path, png_path: Path, smooth: int = 20) -> None:
-    """Loss and per-TTT-step accuracy against training step (moving averages)."""
+    """Loss, per-TTT-step accuracy (moving averages) and τ against training step: the simulated τ
+    of each step's counts, and the τ measured by real speculative decoding where an in-training
+    eval (`--eval-every`) ran."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,7 +84,7 @@ def plot_metrics(metrics_path: Path, png_path: Path, smooth: int = 20) -> None:
         w = max(1, min(smooth, len(x)))
         return np.convolve(x, np.ones(w) / w, mode="valid"), steps[w - 1 :]
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4))
     y, x = ma([r["loss"] for r in rows])
     ax1.plot(x, y)
     ax1.set(title="TTT loss (weighted sum over steps)", xlabel="step", ylabel="loss")
@@ -92,6 +94,19 @@ def plot_metrics(metrics_path: Path, png_path: Path, smooth: int = 20) -> None:
         ax2.plot(x, y, label=f"step {k}")
     ax2.set(title="accuracy per TTT step", xlabel="step", ylabel="accuracy", ylim=(0, 1))
     ax2.legend(fontsize=8)
+    y, x = ma([r["sim_accept_len"] for r in rows])
+    ax3.plot(x, y, label="simulated (training batches)")
+    evals = [r for r in rows if "eval_tau" in r]
+    if evals:
+        k = evals[-1].get("eval_k", "?")
+        ax3.plot(
+            [r["step"] for r in evals],
+            [r["eval_tau"] for r in evals],
+            "o-",
+            label=f"measured (held-out, K={k})",
+        )
+    ax3.set(title="acceptance length τ", xlabel="step", ylabel="τ")
+    ax3.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(png_path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
