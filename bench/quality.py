@@ -46,7 +46,12 @@ BASE = [
     "--lr", "3e-4", "--warmup-steps", "50", "--ttt-steps", "7", "--min-lr-ratio", "0.1",
     "--lr-schedule", "steps", "--fc-init", "normal", "--precision", "fp32",
 ]  # fmt: skip
-DEMO = ["--lr", "1e-3", "--ttt-steps", "4", "--warmup-steps", "10"]
+# The demo's recipe on today's trainer (schedule by budget fraction, fc scaled to the aux RMS).
+DEMO = [
+    "--lr", "1e-3", "--ttt-steps", "4", "--lr-schedule", "fraction", "--warmup", "0.05",
+    "--fc-init", "aux_rms",
+]  # fmt: skip
+OLD_DEMO = ["--lr", "1e-3", "--ttt-steps", "4", "--warmup-steps", "10"]  # before issue 11
 FIXES = {
     "fc_init": ["--fc-init", "aux_rms"],
     "schedule": ["--lr-schedule", "fraction", "--warmup", "0.05"],
@@ -56,15 +61,13 @@ FIXES = {
 # name -> (flags after BASE, config fields whose effect the variant measures, data: base|onpolicy)
 VARIANTS = {
     "defaults": ([], [], "base"),
-    "demo-recipe": (DEMO, [], "base"),
+    "demo-recipe": (OLD_DEMO, [], "base"),
     "bf16": (["--precision", "bf16"], ["precision"], "base"),
-    "demo-recipe-bf16": (DEMO + ["--precision", "bf16"], ["precision"], "base"),
-    "demo-recipe-bf16-ttt2": (
-        DEMO + ["--precision", "bf16", "--ttt-steps", "2"],
-        ["precision"],
-        "base",
-    ),
-    "demo-recipe-bf16+on-policy": (DEMO + ["--precision", "bf16"], ["precision"], "onpolicy"),
+    "demo": (DEMO, ["fc_init", "lr_schedule", "warmup"], "base"),
+    "demo-bf16": (DEMO + ["--precision", "bf16"], ["precision"], "base"),
+    "demo-bf16-ttt2": (DEMO + ["--precision", "bf16", "--ttt-steps", "2"], ["precision"], "base"),
+    "demo-bf16-ttt1": (DEMO + ["--precision", "bf16", "--ttt-steps", "1"], ["precision"], "base"),
+    "demo-bf16+on-policy": (DEMO + ["--precision", "bf16"], ["precision"], "onpolicy"),
     "fc-init": (FIXES["fc_init"], ["fc_init"], "base"),
     "schedule": (FIXES["schedule"], ["lr_schedule", "warmup"], "base"),
     "lr-1e-3": (FIXES["lr"], [], "base"),
