@@ -331,6 +331,9 @@ def test_bf16_precision_trains_close_to_fp32(tmp_path, tiny_prepared, tiny_targe
             progress=False,
             tensorboard=False,
         )
+        if name == "bf16":  # the in-training eval decodes with the bf16 target and fp32 draft
+            cfg.eval_every, cfg.eval_limit, cfg.eval_max_new_tokens = 3, 1, 6
+            cfg.eval_prompts = str(tiny_prepared / "heldout.jsonl")
         train(cfg)
         runs[name] = read_metrics(tmp_path / name / "metrics.jsonl")
         assert read_checkpoint(tmp_path / name)[0]["fc.weight"].dtype == torch.float32
@@ -339,6 +342,7 @@ def test_bf16_precision_trains_close_to_fp32(tmp_path, tiny_prepared, tiny_targe
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=3e-2)
     assert losses["bf16-offline"] == pytest.approx(losses["fp32"], rel=3e-2)
     assert losses["bf16"] != losses["fp32"]
+    assert runs["bf16"][-1]["eval_tau"] >= 1.0
 
 
 def test_precision_is_validated():
