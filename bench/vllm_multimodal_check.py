@@ -138,6 +138,38 @@ def vllm_worker(job_path: str) -> None:
 # --- driver: runs in specfast's python ------------------------------------------------------------
 
 
+def run_worker(python: Path, tmp: Path, env: dict, timeout_s: float = 1800) -> dict | None:
+    """Run the vLLM worker in its own process group and end the whole group once the result is
+    written (vLLM's engine processes outlive the worker's os._exit and would hold its output
+    open). Prints the log's milestones; returns the result, or None."""
+    import signal
+    import subprocess
+
+    result, log = tmp / "result.json", tmp / "vllm.log"
+    cmd = [str(python), str(Path(__file__).resolve()), "--vllm-worker", str(tmp / "job.json")]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+        t0 = time.time()
+        while proc.poll() is None and not result.is_file() and time.time() - t0 < timeout_s:
+            time.sleep(1)
+        time.sleep(1)  # the result file is written whole before os._exit
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the worker and every engine process it started
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    text = log.read_text(errors="replace")
+    for line in text.splitlines():  # the milestones, wherever they are in the log
+        if "vllm loaded the draft" in line or "Error" in line:
+            print(line[:300])
+    if not result.is_file():
+        print(text[-6000:])
+        print(f"vLLM worker exited with {proc.returncode} and wrote no result")
+        return None
+    return json.loads(result.read_text())
+
+
 def build(work: Path, steps: int) -> tuple[Path, Path, Path]:
     """(target folder, prepared folder, export folder), built once in `work`."""
     sys.path.insert(0, str(HERE.parent / "tests"))
@@ -155,7 +187,9 @@ def build(work: Path, steps: int) -> tuple[Path, Path, Path]:
         build_tiny_vlm(target, resolve_target_path("smollm2"))
     if not (prep / "meta.json").is_file():
         (work / "chat").mkdir(parents=True, exist_ok=True)
-        chat = write_vlm_chat(work / "chat" / "chat.jsonl", n=64)
+        # Answers of words on separate lines: the random target's own greedy picks are mostly
+        # newlines, so they land in the draft vocabulary and the draft can learn them.
+        chat = write_vlm_chat(work / "chat" / "chat.jsonl", n=64, sep="\n")
         prepare([chat], prep, None, str(target), draft_vocab_size=256, max_len=256, heldout=8,
                 progress=False)  # fmt: skip
     if not (export / "config.json").is_file():
@@ -231,25 +265,9 @@ def main(argv=None) -> int:
         (Path(tmp) / "sitecustomize.py").write_text(SHIM)
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [tmp, env.get("PYTHONPATH")]))
-        import subprocess
-
-        cmd = [
-            str(python),
-            str(Path(__file__).resolve()),
-            "--vllm-worker",
-            str(Path(tmp) / "job.json"),
-        ]
-        proc = subprocess.run(
-            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        print(proc.stdout[-6000:])
-        for line in proc.stdout.splitlines():  # the milestones, wherever the log cut them off
-            if "vllm loaded the draft" in line or "Error" in line:
-                print(line[:300])
-        if not (Path(tmp) / "result.json").is_file():
-            print(f"vLLM worker exited with {proc.returncode} and wrote no result")
+        v = run_worker(python, Path(tmp), env)
+        if v is None:
             return 1
-        v = json.loads((Path(tmp) / "result.json").read_text())
 
     s = evaluate(target, draft, prompts, args.num_spec_tokens, 0.0, args.max_new_tokens,
                  baseline=False, keep_outputs=True, progress=False)  # fmt: skip
