@@ -225,7 +225,9 @@ def test_reader_reads_the_plans_shuffled_packed_epoch(dataset_dir):
     budget = 150
     batches = epoch_batches(ds, budget, seed=11, epoch=2, num_threads=2, prefetch=3)
     order = torch.cat([b["sample_ids"] for b in batches]).tolist()
-    assert order == _shardio.permutation(len(ds), 11, 2).tolist()  # every sample once, in order
+    shuffled = _shardio.permutation(len(ds), 11, 2)  # the plan's epoch: this, refilled
+    assert order == BatchPlan(ds.sample_lengths, budget, 11).order(2).tolist()
+    assert sorted(order) == sorted(shuffled.tolist())  # every sample once
     assert order != sorted(order)
     for k, b in enumerate(batches):  # batches were all held at once: none was overwritten
         total = int(b["offsets"][-1])
