@@ -89,15 +89,16 @@ def write_part(source, plan, out: Path, config, shard_tokens, start, end, store,
         for raw in source.stream(batches_between(plan, start + done, end)):
             bounds = raw["offsets"].tolist()
             for a, b in zip(bounds[:-1], bounds[1:]):
-                writer.add(
-                    {
-                        "input_ids": raw["input_ids"][a:b],
-                        "loss_mask": raw["loss_mask"][a:b],
-                        "aux_hidden": raw["aux_hidden"][a:b].to(store),
-                        "final_hidden": raw["final_hidden"][a:b].to(store),
-                        "target_argmax": raw["target_argmax"][a:b],
-                    }
-                )
+                sample = {
+                    "input_ids": raw["input_ids"][a:b],
+                    "loss_mask": raw["loss_mask"][a:b],
+                    "aux_hidden": raw["aux_hidden"][a:b].to(store),
+                    "final_hidden": raw["final_hidden"][a:b].to(store),
+                    "target_argmax": raw["target_argmax"][a:b],
+                }
+                if "positions" in raw:  # an mRoPE target: the draft's positions come with it
+                    sample["positions"] = raw["positions"][a:b]
+                writer.add(sample)
             bar.update(len(bounds) - 1)
 
 

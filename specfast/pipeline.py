@@ -29,7 +29,7 @@ import torch
 from specfast.data.plan import BatchPlan
 from specfast.data.prepared import PreparedData, read_vocab
 from specfast.data.vocab import DraftVocab
-from specfast.ttt import PackedBatch
+from specfast.ttt import PackedBatch, draft_positions
 
 log = logging.getLogger("specfast")
 
@@ -96,7 +96,7 @@ class TargetRows:
             ids, mask, offsets = self.data.read(idx, self.batch_tokens)
             doc_ids, _ = doc_layout(offsets.diff())
             out = self.target.forward_packed(ids, doc_ids, teacher_rows(mask, doc_ids))
-            yield {
+            raw = {
                 "sample_ids": torch.as_tensor(idx),
                 "offsets": offsets,
                 "input_ids": ids,
@@ -105,6 +105,9 @@ class TargetRows:
                 "final_hidden": out.final_hidden,
                 "target_argmax": out.argmax,
             }
+            if out.positions is not None:  # an mRoPE target: the draft's positions are its own
+                raw["positions"] = out.positions
+            yield raw
 
 
 class ShardRows:
@@ -133,6 +136,7 @@ def assemble_batch(
     rows of its lm_head: no [T, V_draft] logits tensor), and whether the target's own pick lies in
     the draft vocabulary (rows without a computed argmax, -1, are never supervised)."""
     doc_ids, positions = doc_layout(raw["offsets"].cpu().diff())
+    positions = draft_positions(positions, raw.get("positions"))
     final = raw["final_hidden"].to(device, non_blocking=True)
     argmax = raw.get("target_argmax")
     if argmax is None:  # shards captured without it: recompute from the stored final hidden state

@@ -39,9 +39,9 @@ decoding the target's positions are token index + the prompt's mRoPE delta. Work
 rows are t = 0 1 1 1 1 3 4, h = 0 1 1 2 2 3 4, w = 0 1 2 1 2 3 4, so pos = 0 1 1 1 1 3 4 and at
 step k the row of B (t = 5) is at position 3 + k, not 5 + k. Speech targets (Qwen3-ASR) have
 equal rows equal to the token index: the rule changes nothing there. Eval's proposer
-(specfast.eval.proposer) follows the rule. The batching pipeline (specfast/pipeline.py) does not yet
-pass a target's `PackedTargetOutput.positions` into `PackedBatch.positions`: until it does,
-training uses positions within the document for these targets too.
+(specfast.eval.proposer) follows the rule, and so does training: the batching pipeline passes a
+target's `PackedTargetOutput.positions` into `PackedBatch.positions` (online), and capture stores
+them in the shards' optional `positions` field (offline).
 
 Loss: Σ_k 0.8^k · loss_k, loss_k the soft cross-entropy over step k's supervised positions divided
 by their count (not by B·T). Metrics per step: accuracy, conditional accuracy (given steps 0..k-1

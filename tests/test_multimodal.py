@@ -276,6 +276,24 @@ def test_vlm_end_to_end(tmp_path, vlm_dir, vlm_prepared):
         torch.tensor([r["loss"] for r in off]), torch.tensor([r["loss"] for r in on]),
         rtol=1e-4, atol=1e-4,
     )  # fmt: skip
+    # training feeds the draft the target's own positions (row 0 of mRoPE), online and offline
+    from specfast.pipeline import open_offline, open_online
+    from specfast.shards import ShardDataset
+    from specfast.targets.heads import HeadsOnlyTarget
+
+    cpu = torch.device("cpu")
+    vlm = load_target(str(vlm_dir))
+    heads = HeadsOnlyTarget(str(text_view), vlm.aux_layer_ids, cpu, torch.float32, "text")
+    online = open_online(PreparedData.load(vlm_prepared), vlm, 256, 0, cpu)
+    offline = open_offline(ShardDataset(tmp_path / "shards"), heads, 256, 0, cpu)
+    behind = False
+    for _ in range(3):
+        a, b = online.next(), offline.next()
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.positions, b.positions)
+        in_doc = doc_layout(torch.bincount(a.doc_ids))[1]
+        assert bool((a.positions <= in_doc).all())
+        behind |= bool((a.positions < in_doc).any())  # after an image: behind the token index
+    assert behind
     export = export_draft(tmp_path / "online", tmp_path / "export", dtype=torch.float32)
     cfg = json.loads((export / "config.json").read_text())
     assert cfg["rope_scaling"] is None and "mrope_section" not in json.dumps(cfg)

@@ -61,6 +61,10 @@ tensor               shape     dtype                meaning
                                                     token (saves recomputing it in training);
                                                     -1 where it cannot matter (the next token
                                                     is not supervised) and was not computed
+``positions``        [N]       I32 / I64, optional  the draft's RoPE position per token where the
+                                                    target has its own (mRoPE: row 0 of the
+                                                    target's positions); absent: the position
+                                                    within the sample
 ``offsets``          [S+1]     I64                  sample j is tokens [offsets[j], offsets[j+1])
 ``sample_checksum``  [S]       U64                  xxh64 (seed 0) of sample j's bytes in the
                                                     per-token tensors, in the order above

@@ -80,7 +80,12 @@ class ShardDataset:
         layout = self.manifest["layout"]
         fields = layout["fields"] or {}
         self.fields: list[Field] = (
-            make_fields(self.manifest["capture"], layout["index_dtype"], "target_argmax" in fields)
+            make_fields(
+                self.manifest["capture"],
+                layout["index_dtype"],
+                "target_argmax" in fields,
+                "positions" in fields,
+            )
             if fields
             else []
         )

@@ -102,7 +102,9 @@ class Field:
         return {"dtype": self.st_dtype, "token_shape": list(self.token_shape)}
 
 
-def make_fields(capture: dict, index_dtype: str, with_argmax: bool) -> list[Field]:
+def make_fields(
+    capture: dict, index_dtype: str, with_argmax: bool, with_positions: bool = False
+) -> list[Field]:
     """The per-token tensors of a dataset, in file order."""
     h, k = capture["hidden_size"], len(capture["aux_layer_ids"])
     hid = ST_CODES[HIDDEN_DTYPES[capture["dtype"]]]
@@ -115,6 +117,8 @@ def make_fields(capture: dict, index_dtype: str, with_argmax: bool) -> list[Fiel
     ]
     if with_argmax:
         fields.append(Field("target_argmax", idx, ()))
+    if with_positions:  # the draft's RoPE positions, where the target has its own (mRoPE)
+        fields.append(Field("positions", idx, ()))
     return fields
 
 
@@ -318,10 +322,11 @@ def _check_layout(m: dict, bad) -> None:
         raise bad(f"layout shard_tokens must be a positive int or null, got {st!r}")
     fields = layout.get("fields")
     if fields is not None:
-        with_argmax = isinstance(fields, dict) and "target_argmax" in fields
+        has = isinstance(fields, dict) and "target_argmax" in fields
+        with_pos = isinstance(fields, dict) and "positions" in fields
         want = {
             f.name: f.to_json()
-            for f in make_fields(m["capture"], layout["index_dtype"], with_argmax)
+            for f in make_fields(m["capture"], layout["index_dtype"], has, with_pos)
         }
         if fields != want:
             raise bad(f"layout fields {fields!r} disagree with the capture config ({want!r})")

@@ -142,7 +142,10 @@ class ShardWriter:
             None
             if fields is None
             else make_fields(
-                capture, self._manifest["layout"]["index_dtype"], "target_argmax" in fields
+                capture,
+                self._manifest["layout"]["index_dtype"],
+                "target_argmax" in fields,
+                "positions" in fields,
             )
         )
 
@@ -169,7 +172,8 @@ class ShardWriter:
 
     def add(self, sample: Mapping[str, Any]) -> None:
         """Add one sample: ``input_ids`` [n], ``loss_mask`` [n], ``aux_hidden`` [n, K*H],
-        ``final_hidden`` [n, H], optionally ``target_argmax`` [n]; numpy arrays or torch tensors
+        ``final_hidden`` [n, H], optionally ``target_argmax`` [n] and ``positions`` [n] (the
+        draft's RoPE positions of an mRoPE target); numpy arrays or torch tensors
         (any device). Hidden states are cast to the stored dtype."""
         if self._closed:
             raise ValueError("ShardWriter is closed")
@@ -180,11 +184,12 @@ class ShardWriter:
             raise ValueError(
                 f"{where}: sample must be a dict of tensors, got {type(sample).__name__}"
             )
-        if self._fields is None:  # the first sample decides whether target_argmax is stored
+        if self._fields is None:  # the first sample decides the optional fields stored
             self._fields = make_fields(
                 self._manifest["capture"],
                 self._manifest["layout"]["index_dtype"],
                 "target_argmax" in sample,
+                "positions" in sample,
             )
             self._manifest["layout"]["fields"] = {f.name: f.to_json() for f in self._fields}
         arrays, n = self._convert(sample, where)
