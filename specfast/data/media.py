@@ -431,37 +431,14 @@ def prepare_multimodal(
     from specfast.targets.base import tokenizer_hash
 
     from .chat import TemplateError
-    from .prepare import PrepareStats, log
+    from .prepare import PrepareStats, collect_conversations, log
     from .prepared import PreparedData
-    from .readers import ReadStats
     from .vocab import select_draft_vocab
 
     out = Path(out)
     stats = PrepareStats()
     t0 = time.time()
-    convs = []
-    want = None if limit is None else limit + heldout
-    for path in inputs:
-        rs = ReadStats()
-        for item in iter_media_conversations(path, rs):
-            convs.append(item)
-            if want is not None and len(convs) >= want:
-                break
-        stats.records += rs.records
-        stats.bad_records += rs.bad
-        stats.bad_examples += rs.examples[: max(0, 10 - len(stats.bad_examples))]
-        stats.lost_bytes += rs.truncated_bytes
-        if want is not None and len(convs) >= want:
-            break
-    for msg in stats.bad_examples:
-        log.warning("skipped %s", msg)
-    if stats.bad_records > len(stats.bad_examples):
-        log.warning("skipped %d bad records in all", stats.bad_records)
-    if len(convs) <= heldout:
-        raise ValueError(
-            f"only {len(convs)} usable conversations in {', '.join(map(str, inputs))}; need "
-            f"more than --heldout {heldout}"
-        )
+    convs = collect_conversations(inputs, limit, heldout, stats, iter_media_conversations)
     out.mkdir(parents=True, exist_ok=True)
     store = MediaStore(out)
     held, train = convs[len(convs) - heldout :], convs[: len(convs) - heldout]

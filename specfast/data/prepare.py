@@ -60,6 +60,45 @@ def _is_multimodal_target(target_name: str) -> bool:
     return path.is_dir() and is_multimodal_folder(path)
 
 
+def collect_conversations(inputs, limit, heldout, stats: PrepareStats, read) -> list:
+    """The first `limit + heldout` conversations (all when `limit` is None) that `read(path,
+    ReadStats)` yields from `inputs`, in order; read problems logged and counted in `stats`. Too few
+    for `heldout` is an error."""
+    convs: list = []
+    want = None if limit is None else limit + heldout
+    for path in inputs:
+        rs = ReadStats()
+        for item in read(path, rs):
+            convs.append(item)
+            if want is not None and len(convs) >= want:
+                break
+        stats.records += rs.records
+        stats.bad_records += rs.bad
+        stats.bad_examples += rs.examples[: max(0, 10 - len(stats.bad_examples))]
+        stats.lost_bytes += rs.truncated_bytes
+        if rs.truncated_bytes:
+            log.warning(
+                "%s: cut off mid-record; recovered %d complete records, lost the last %d "
+                "bytes (%.4f%% of the file)",
+                path,
+                rs.records,
+                rs.truncated_bytes,
+                100 * rs.truncated_bytes / max(1, rs.total_bytes),
+            )
+        if want is not None and len(convs) >= want:
+            break
+    for msg in stats.bad_examples:
+        log.warning("skipped %s", msg)
+    if stats.bad_records > len(stats.bad_examples):
+        log.warning("skipped %d malformed records in all", stats.bad_records)
+    if len(convs) <= heldout:
+        raise ValueError(
+            f"only {len(convs)} usable conversations in "
+            f"{', '.join(map(str, inputs))}; need more than --heldout {heldout}"
+        )
+    return convs
+
+
 def prepare(
     inputs: list[str | Path],
     out: str | Path,
@@ -108,38 +147,7 @@ def prepare(
     stats = PrepareStats()
     t0 = time.time()
 
-    convs: list[tuple[str, list[dict]]] = []
-    want = None if limit is None else limit + heldout
-    for path in inputs:
-        rs = ReadStats()
-        for where, messages in iter_conversations(path, rs):
-            convs.append((where, messages))
-            if want is not None and len(convs) >= want:
-                break
-        stats.records += rs.records
-        stats.bad_records += rs.bad
-        stats.bad_examples += rs.examples[: max(0, 10 - len(stats.bad_examples))]
-        stats.lost_bytes += rs.truncated_bytes
-        if rs.truncated_bytes:
-            log.warning(
-                "%s: cut off mid-record; recovered %d complete records, lost the last %d "
-                "bytes (%.4f%% of the file)",
-                path,
-                rs.records,
-                rs.truncated_bytes,
-                100 * rs.truncated_bytes / max(1, rs.total_bytes),
-            )
-        if want is not None and len(convs) >= want:
-            break
-    for msg in stats.bad_examples:
-        log.warning("skipped %s", msg)
-    if stats.bad_records > len(stats.bad_examples):
-        log.warning("skipped %d malformed records in all", stats.bad_records)
-    if len(convs) <= heldout:
-        raise ValueError(
-            f"only {len(convs)} usable conversations in "
-            f"{', '.join(map(str, inputs))}; need more than --heldout {heldout}"
-        )
+    convs = collect_conversations(inputs, limit, heldout, stats, iter_conversations)
 
     out.mkdir(parents=True, exist_ok=True)
     held, train = convs[len(convs) - heldout :], convs[: len(convs) - heldout]
