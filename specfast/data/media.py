@@ -423,17 +423,13 @@ def prepare_multimodal(
     media longer than `max_len` is dropped whole (never cut, whatever --overlong says); text-only
     samples follow --overlong. Returns the PrepareStats."""
     import time
-    from dataclasses import asdict
 
     from tqdm import tqdm
 
     from specfast.fileio import atomic_write
-    from specfast.targets.base import tokenizer_hash
 
     from .chat import TemplateError
-    from .prepare import PrepareStats, collect_conversations, log
-    from .prepared import PreparedData
-    from .vocab import select_draft_vocab
+    from .prepare import PrepareStats, collect_conversations, log, save_prepared
 
     out = Path(out)
     stats = PrepareStats()
@@ -489,31 +485,13 @@ def prepare_multimodal(
         ids_parts.append(ids)
         mask_parts.append(mask)
         lengths.append(len(ids))
-    if not lengths:
-        raise ValueError(
-            "no sample with supervised (assistant) tokens survived; check the data and --max-len"
-        )
     stats.dropped_overlong += dropped_media
-    input_ids = np.concatenate(ids_parts)
-    loss_mask = np.concatenate(mask_parts)
-    stats.samples, stats.tokens = len(lengths), int(input_ids.size)
-    stats.supervised_tokens = int(loss_mask.sum())
-    tokenizer = processor.tokenizer
-    vocab_size = len(tokenizer)
-    counts = np.bincount(input_ids[loss_mask].astype(np.int64), minlength=vocab_size)
-    vocab = select_draft_vocab(counts, draft_vocab_size)
     meta = {
         "target": target_name,
-        "tokenizer_hash": tokenizer_hash(tokenizer),
         "inputs": [str(p) for p in inputs],
         "max_len": max_len,
         "overlong": overlong,
         "regenerated": False,
-        "vocab": {
-            "draft_vocab_size": vocab.size,
-            "target_vocab_size": vocab_size,
-            "coverage": vocab.coverage,
-        },
         "media": {
             "kind": processor.kind,
             "samples_with_media": len(table.samples),
@@ -522,11 +500,11 @@ def prepare_multimodal(
             "dropped_overlong_with_media": dropped_media,
             "max_sample_tokens": longest,
         },
-        "stats": asdict(stats),
-        "seconds": round(time.time() - t0, 1),
     }
     table.save(out)  # before meta.json, which marks the folder complete
-    PreparedData.save(out, input_ids, loss_mask, lengths, vocab, counts, meta)
+    save_prepared(
+        out, ids_parts, mask_parts, lengths, processor.tokenizer, stats, draft_vocab_size, meta, t0
+    )
     log.info(
         "prepared %d samples (%d with %s, %d media items), %d tokens (%d supervised); "
         "dropped %d overlong samples with media, %d other bad; %d held out",

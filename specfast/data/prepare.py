@@ -99,6 +99,52 @@ def collect_conversations(inputs, limit, heldout, stats: PrepareStats, read) -> 
     return convs
 
 
+def save_prepared(
+    out: Path,
+    ids_parts: list,
+    mask_parts: list,
+    lengths: list[int],
+    tokenizer,
+    stats: PrepareStats,
+    draft_vocab_size: int,
+    meta: dict,
+    t0: float,
+) -> None:
+    """The samples, their draft vocabulary and meta.json (`meta` plus the tokenizer hash, the
+    vocabulary, the stats and the time taken) into `out`: what every prepare path ends with."""
+    from specfast.targets.base import tokenizer_hash
+
+    if not lengths:
+        raise ValueError(
+            "no sample with supervised (assistant) tokens survived; check the data and --max-len"
+        )
+    input_ids = np.concatenate(ids_parts)
+    loss_mask = np.concatenate(mask_parts)
+    stats.samples, stats.tokens = len(lengths), int(input_ids.size)
+    stats.supervised_tokens = int(loss_mask.sum())
+    vocab_size = len(tokenizer)
+    counts = np.bincount(input_ids[loss_mask].astype(np.int64), minlength=vocab_size)
+    vocab = select_draft_vocab(counts, draft_vocab_size)
+    meta = {
+        **meta,
+        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "vocab": {
+            "draft_vocab_size": vocab.size,
+            "target_vocab_size": vocab_size,
+            "coverage": vocab.coverage,
+        },
+        "stats": asdict(stats),
+        "seconds": round(time.time() - t0, 1),
+    }
+    PreparedData.save(out, input_ids, loss_mask, lengths, vocab, counts, meta)
+    log.info(
+        "draft vocabulary: %d of %d tokens cover %.2f%% of supervised tokens",
+        vocab.size,
+        vocab_size,
+        100 * vocab.coverage,
+    )
+
+
 def prepare(
     inputs: list[str | Path],
     out: str | Path,
@@ -188,36 +234,23 @@ def prepare(
         ids_parts.append(ids)
         mask_parts.append(mask)
         lengths.append(len(ids))
-    if not lengths:
-        raise ValueError(
-            "no sample with supervised (assistant) tokens survived; check the data and --max-len"
-        )
-    input_ids = np.concatenate(ids_parts)
-    loss_mask = np.concatenate(mask_parts)
-    stats.samples, stats.tokens = len(lengths), int(input_ids.size)
-    stats.supervised_tokens = int(loss_mask.sum())
-
-    vocab_size = len(tokenizer)
-    counts = np.bincount(input_ids[loss_mask].astype(np.int64), minlength=vocab_size)
-    vocab = select_draft_vocab(counts, draft_vocab_size)
-    from specfast.targets.base import tokenizer_hash
-
-    meta = {
-        "target": target_name,
-        "tokenizer_hash": tokenizer_hash(tokenizer),
-        "inputs": [str(p) for p in inputs],
-        "max_len": max_len,
-        "overlong": overlong,
-        "regenerated": regenerate_with is not None,
-        "vocab": {
-            "draft_vocab_size": vocab.size,
-            "target_vocab_size": vocab_size,
-            "coverage": vocab.coverage,
+    save_prepared(
+        out,
+        ids_parts,
+        mask_parts,
+        lengths,
+        tokenizer,
+        stats,
+        draft_vocab_size,
+        meta={
+            "target": target_name,
+            "inputs": [str(p) for p in inputs],
+            "max_len": max_len,
+            "overlong": overlong,
+            "regenerated": regenerate_with is not None,
         },
-        "stats": asdict(stats),
-        "seconds": round(time.time() - t0, 1),
-    }
-    PreparedData.save(out, input_ids, loss_mask, lengths, vocab, counts, meta)
+        t0=t0,
+    )
     log.info(
         "prepared %d samples, %d tokens (%d supervised); truncated %d, dropped %d overlong, "
         "%d template errors, %d without assistant tokens; %d held out",
@@ -229,11 +262,5 @@ def prepare(
         stats.template_errors,
         stats.no_supervised_tokens,
         stats.heldout,
-    )
-    log.info(
-        "draft vocabulary: %d of %d tokens cover %.2f%% of supervised tokens",
-        vocab.size,
-        vocab_size,
-        100 * vocab.coverage,
     )
     return stats
