@@ -212,6 +212,9 @@ def test_static_shapes_give_the_same_step_with_shapes_fixed_by_the_bucket(seed, 
     for lengths in ([7, 12, 3], [5, 6, 4, 2]):  # 22 and 17 tokens: one bucket of 24
         b = random_batch(lengths)
         b.loss_mask[torch.rand(b.num_tokens) < 0.3] = False  # some rows skipped
+        # ...but not all of steps ≥ 1 (else the unroll stops after step 0): doc 0 is supervised
+        b.loss_mask[: lengths[0]] = True
+        b.target_in_vocab[: lengths[0]] = True
         if lengths[0] == 5:  # the teacher as final hidden state too
             hidden, weight = torch.randn(b.num_tokens, 20), torch.randn(12, 20)
             b = PackedBatch(
