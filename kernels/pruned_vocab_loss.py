@@ -366,17 +366,13 @@ class _ChunkedPrunedVocabLoss(torch.autograd.Function):
                 g.sub_(torch.softmax(teacher.rows(rows), -1, dtype=torch.float32))
             # the mask scales rows: apply it to the [C, H] operands, not the [C, V] block
             m = m.to(torch.float32)[:, None]
-            if cd != torch.float32:  # low-precision matmuls, fp32 sums
-                g = g.to(cd)
-                if need_h:
-                    grad_h[rows] = (g @ w).float().mul_(m)
-                if need_w:
-                    grad_w.add_(g.t() @ (h * m.to(cd)))
-            else:
-                if need_h:
-                    grad_h[rows] = (g @ w).mul_(m)
-                if need_w:
-                    grad_w.addmm_(g.t(), h * m)
+            g = g.to(cd)  # a no-op in fp32; low-precision matmuls, fp32 sums otherwise
+            if need_h:
+                grad_h[rows] = (g @ w).float().mul_(m)
+            if need_w and cd == torch.float32:
+                grad_w.addmm_(g.t(), h * m)  # in place: no [V, H] temporary
+            elif need_w:
+                grad_w.add_(g.t() @ (h * m.to(cd)))
             del g, h
         if need_h:
             grad_h = grad_h.mul_(scale).to(hidden.dtype)

@@ -80,14 +80,7 @@ class ShardDataset:
         layout = self.manifest["layout"]
         fields = layout["fields"] or {}
         self.fields: list[Field] = (
-            make_fields(
-                self.manifest["capture"],
-                layout["index_dtype"],
-                "target_argmax" in fields,
-                "positions" in fields,
-            )
-            if fields
-            else []
+            make_fields(self.manifest["capture"], layout["index_dtype"], fields) if fields else []
         )
         self._shards = [self._open_shard(e) for e in self.manifest["shards"]]
         lengths = [np.diff(s.token_offsets) for s in self._shards]

@@ -102,10 +102,9 @@ class Field:
         return {"dtype": self.st_dtype, "token_shape": list(self.token_shape)}
 
 
-def make_fields(
-    capture: dict, index_dtype: str, with_argmax: bool, with_positions: bool = False
-) -> list[Field]:
-    """The per-token tensors of a dataset, in file order."""
+def make_fields(capture: dict, index_dtype: str, present=()) -> list[Field]:
+    """The per-token tensors of a dataset, in file order; of the optional ones (`target_argmax`,
+    `positions`), those named in `present` (any container of names: a sample, a fields dict)."""
     h, k = capture["hidden_size"], len(capture["aux_layer_ids"])
     hid = ST_CODES[HIDDEN_DTYPES[capture["dtype"]]]
     idx = INDEX_DTYPES[index_dtype]
@@ -115,9 +114,9 @@ def make_fields(
         Field("input_ids", idx, ()),
         Field("loss_mask", "BOOL", ()),
     ]
-    if with_argmax:
+    if "target_argmax" in present:
         fields.append(Field("target_argmax", idx, ()))
-    if with_positions:  # the draft's RoPE positions, where the target has its own (mRoPE)
+    if "positions" in present:  # the draft's RoPE positions, where the target has its own (mRoPE)
         fields.append(Field("positions", idx, ()))
     return fields
 
@@ -322,11 +321,9 @@ def _check_layout(m: dict, bad) -> None:
         raise bad(f"layout shard_tokens must be a positive int or null, got {st!r}")
     fields = layout.get("fields")
     if fields is not None:
-        has = isinstance(fields, dict) and "target_argmax" in fields
-        with_pos = isinstance(fields, dict) and "positions" in fields
+        present = fields if isinstance(fields, dict) else ()
         want = {
-            f.name: f.to_json()
-            for f in make_fields(m["capture"], layout["index_dtype"], has, with_pos)
+            f.name: f.to_json() for f in make_fields(m["capture"], layout["index_dtype"], present)
         }
         if fields != want:
             raise bad(f"layout fields {fields!r} disagree with the capture config ({want!r})")

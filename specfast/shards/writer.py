@@ -141,12 +141,7 @@ class ShardWriter:
         self._fields = (
             None
             if fields is None
-            else make_fields(
-                capture,
-                self._manifest["layout"]["index_dtype"],
-                "target_argmax" in fields,
-                "positions" in fields,
-            )
+            else make_fields(capture, self._manifest["layout"]["index_dtype"], fields)
         )
 
     def _remove_leftovers(self) -> None:
@@ -186,10 +181,7 @@ class ShardWriter:
             )
         if self._fields is None:  # the first sample decides the optional fields stored
             self._fields = make_fields(
-                self._manifest["capture"],
-                self._manifest["layout"]["index_dtype"],
-                "target_argmax" in sample,
-                "positions" in sample,
+                self._manifest["capture"], self._manifest["layout"]["index_dtype"], sample
             )
             self._manifest["layout"]["fields"] = {f.name: f.to_json() for f in self._fields}
         arrays, n = self._convert(sample, where)
