@@ -14,6 +14,8 @@ from typing import Protocol
 
 import torch
 
+from specfast.conventions import aux_layer_ids_default, check_aux_layer_ids
+
 
 @dataclass
 class PackedTargetOutput:
@@ -52,6 +54,19 @@ class TargetModel(ABC):
     vocab_size: int
     aux_layer_ids: list[int]
     hf_config: object  # the model's config (rope fields, heads, eps) that the draft copies
+
+    def _set_shape(self, text_config, vocab_size: int, aux_layer_ids: list[int] | None) -> None:
+        """Layers, width, vocabulary and aux layers (the EAGLE-3 default unless given; checked)
+        from the language model's config."""
+        self.num_layers = text_config.num_hidden_layers
+        self.hidden_size = text_config.hidden_size
+        self.vocab_size = vocab_size
+        self.aux_layer_ids = (
+            list(aux_layer_ids)
+            if aux_layer_ids is not None
+            else aux_layer_ids_default(self.num_layers)
+        )
+        check_aux_layer_ids(self.aux_layer_ids, self.num_layers, self.name)
 
     @abstractmethod
     def forward_packed(

@@ -35,7 +35,6 @@ from pathlib import Path
 
 import torch
 
-from specfast.conventions import aux_layer_ids_default, check_aux_layer_ids
 from specfast.kernels import full_vocab_argmax
 
 from .base import PackedTargetOutput, TargetModel
@@ -112,17 +111,9 @@ class HFTarget(TargetModel):
         # transformers renamed `past_key_values` to `cache` (the old name warns, then goes away).
         params = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
-        cfg = self.model.config
-        self.hf_config = cfg
-        self.num_layers = cfg.num_hidden_layers
-        self.hidden_size = cfg.hidden_size
-        self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
-        self.aux_layer_ids = (
-            list(aux_layer_ids)
-            if aux_layer_ids is not None
-            else aux_layer_ids_default(self.num_layers)
-        )
-        check_aux_layer_ids(self.aux_layer_ids, self.num_layers, self.name)
+        self.hf_config = self.model.config
+        vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        self._set_shape(self.model.config, vocab_size, aux_layer_ids)
         if packed_attention not in ("auto", *PACKED_PATHS):
             raise ValueError(
                 f"packed_attention={packed_attention!r}: not one of auto, {', '.join(PACKED_PATHS)}"

@@ -43,7 +43,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from specfast.conventions import aux_layer_ids_default, check_aux_layer_ids
 from specfast.kernels import full_vocab_argmax
 
 from .base import PackedTargetOutput, TargetModel, tokenizer_hash
@@ -299,15 +298,8 @@ class MultimodalTarget(TargetModel):
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         text = self.model.config.get_text_config()
         self.hf_config = _draft_config(text)
-        self.num_layers = text.num_hidden_layers
-        self.hidden_size = text.hidden_size
-        self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
-        self.aux_layer_ids = (
-            list(aux_layer_ids)
-            if aux_layer_ids is not None
-            else aux_layer_ids_default(self.num_layers)
-        )
-        check_aux_layer_ids(self.aux_layer_ids, self.num_layers, self.name)
+        vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        self._set_shape(text, vocab_size, aux_layer_ids)
 
     # -- heads --------------------------------------------------------------------------------
 
