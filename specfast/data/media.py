@@ -429,7 +429,7 @@ def prepare_multimodal(
     from specfast.fileio import atomic_write
 
     from .chat import TemplateError
-    from .prepare import PrepareStats, collect_conversations, log, save_prepared
+    from .prepare import PrepareStats, collect_conversations, fit_sample, log, save_prepared
 
     out = Path(out)
     stats = PrepareStats()
@@ -458,26 +458,21 @@ def prepare_multimodal(
                 log.warning("%s: %s", where, e)
             continue
         ids, mask = tok.input_ids, tok.loss_mask
-        if len(ids) > max_len:
-            if media:
-                dropped_media += 1
-                if dropped_media <= 5:
-                    log.warning(
-                        "%s: %d tokens with its media, over --max-len %d: dropped whole (a "
-                        "sample's media are never cut from its text)",
-                        where,
-                        len(ids),
-                        max_len,
-                    )
-                continue
-            if overlong == "drop":
-                stats.dropped_overlong += 1
-                continue
-            ids, mask = ids[:max_len], mask[:max_len]
-            stats.truncated += 1
-        if not mask.any():
-            stats.no_supervised_tokens += 1
+        if len(ids) > max_len and media:
+            dropped_media += 1
+            if dropped_media <= 5:
+                log.warning(
+                    "%s: %d tokens with its media, over --max-len %d: dropped whole (a "
+                    "sample's media are never cut from its text)",
+                    where,
+                    len(ids),
+                    max_len,
+                )
             continue
+        kept = fit_sample(ids, mask, max_len, overlong, stats)
+        if kept is None:
+            continue
+        ids, mask = kept
         table.add(len(lengths), [store.put(m) for m in media], where)
         if media:
             media_items += len(media)

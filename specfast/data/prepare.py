@@ -99,6 +99,21 @@ def collect_conversations(inputs, limit, heldout, stats: PrepareStats, read) -> 
     return convs
 
 
+def fit_sample(ids, mask, max_len: int, overlong: str, stats: PrepareStats):
+    """(ids, mask) as kept: cut to `max_len` (or None under --overlong drop), None when no token
+    is supervised; counted in `stats`."""
+    if len(ids) > max_len:
+        if overlong == "drop":
+            stats.dropped_overlong += 1
+            return None
+        ids, mask = ids[:max_len], mask[:max_len]
+        stats.truncated += 1
+    if not mask.any():
+        stats.no_supervised_tokens += 1
+        return None
+    return ids, mask
+
+
 def save_prepared(
     out: Path,
     ids_parts: list,
@@ -221,16 +236,10 @@ def prepare(
             if stats.template_errors <= 5:
                 log.warning("%s: %s", where, e)
             continue
-        ids, mask = tok.input_ids, tok.loss_mask
-        if len(ids) > max_len:
-            if overlong == "drop":
-                stats.dropped_overlong += 1
-                continue
-            ids, mask = ids[:max_len], mask[:max_len]
-            stats.truncated += 1
-        if not mask.any():
-            stats.no_supervised_tokens += 1
+        kept = fit_sample(tok.input_ids, tok.loss_mask, max_len, overlong, stats)
+        if kept is None:
             continue
+        ids, mask = kept
         ids_parts.append(ids)
         mask_parts.append(mask)
         lengths.append(len(ids))
