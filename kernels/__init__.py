@@ -9,9 +9,10 @@ from .rms_norm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_r
 from .rope import rope, rope_reference
 from .swiglu import swiglu, swiglu_reference
 from .ttt_attention import ttt_attention, ttt_attention_reference
-from .vocab_argmax import full_vocab_argmax
+from .vocab_argmax import SplitVocabArgmax, full_vocab_argmax
 
 __all__ = [
+    "SplitVocabArgmax",
     "add_rms_norm",
     "add_rms_norm_reference",
     "full_vocab_argmax",

@@ -29,7 +29,9 @@ import torch
 from specfast.data.plan import BatchPlan
 from specfast.data.prepared import PreparedData, read_vocab
 from specfast.data.vocab import DraftVocab
-from specfast.ttt import PackedBatch, draft_positions
+from specfast.device import cpu_bf16_is_fast
+from specfast.kernels import SplitVocabArgmax
+from specfast.ttt import TEACHER_LOGITS_BYTES, PackedBatch, draft_positions
 
 log = logging.getLogger("specfast")
 
@@ -76,9 +78,22 @@ def teacher_rows(loss_mask: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor
 
 class TargetRows:
     """Online source: samples of a prepared dataset, cut to the token budget, packed into one row
-    and run through the target."""
+    and run through the target.
 
-    def __init__(self, data: PreparedData, target, batch_tokens: int):
+    `teacher` (a SplitVocabArgmax over the target's lm_head that keeps the draft vocabulary's
+    columns): the rows that can be supervised get their full-vocabulary argmax and their teacher
+    logits (`teacher_logits` [T, V_draft], zero elsewhere) from one pass over the lm_head, while
+    those logits fit `teacher_bytes`; beyond, the argmax alone, and the trainer forms the teacher
+    from the final hidden state."""
+
+    def __init__(
+        self,
+        data: PreparedData,
+        target,
+        batch_tokens: int,
+        teacher: SplitVocabArgmax | None = None,
+        teacher_bytes: int = TEACHER_LOGITS_BYTES,
+    ):
         check_matches_target(
             data.root,
             target,
@@ -87,6 +102,7 @@ class TargetRows:
             vocab_size=data.vocab.target_vocab_size,
         )
         self.data, self.target, self.batch_tokens = data, target, batch_tokens
+        self.teacher, self.teacher_bytes = teacher, teacher_bytes
 
     def lengths(self) -> np.ndarray:
         return self.data.lengths()
@@ -95,7 +111,12 @@ class TargetRows:
         for idx in batches:
             ids, mask, offsets = self.data.read(idx, self.batch_tokens)
             doc_ids, _ = doc_layout(offsets.diff())
-            out = self.target.forward_packed(ids, doc_ids, teacher_rows(mask, doc_ids))
+            rows = teacher_rows(mask, doc_ids)
+            fused = self.teacher is not None and (
+                int(rows.sum()) * self.teacher.keep_ids.numel() * 4 <= self.teacher_bytes
+            )
+            argmax_rows = torch.zeros_like(rows) if fused else rows  # fused: argmax below
+            out = self.target.forward_packed(ids, doc_ids, argmax_rows)
             raw = {
                 "sample_ids": torch.as_tensor(idx),
                 "offsets": offsets,
@@ -105,9 +126,19 @@ class TargetRows:
                 "final_hidden": out.final_hidden,
                 "target_argmax": out.argmax,
             }
+            if fused:
+                raw["target_argmax"], raw["teacher_logits"] = self._argmax_and_teacher(out, rows)
             if out.positions is not None:  # an mRoPE target: the draft's positions are its own
                 raw["positions"] = out.positions
             yield raw
+
+    def _argmax_and_teacher(self, out, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        final = out.final_hidden
+        rows = rows.to(final.device)
+        argmax = torch.full(rows.shape, -1, dtype=torch.int64, device=final.device)
+        logits = final.new_zeros(rows.numel(), self.teacher.keep_ids.numel(), dtype=torch.float32)
+        argmax[rows], logits[rows] = self.teacher(final[rows])
+        return argmax, logits
 
 
 class ShardRows:
@@ -145,6 +176,10 @@ def assemble_batch(
         argmax = full_vocab_argmax(final.float(), target.lm_head_weight().float())
     argmax = argmax.to(device).long()
     t2d = vocab.t2d.to(device)
+    if "teacher_logits" in raw:  # formed by the online source beside the argmax
+        teacher = dict(teacher_logits=raw["teacher_logits"].to(device, non_blocking=True))
+    else:
+        teacher = dict(teacher_hidden=final, teacher_weight=teacher_weight)
     return PackedBatch(
         input_ids=raw["input_ids"].to(device).long(),
         doc_ids=doc_ids.to(device),
@@ -152,8 +187,7 @@ def assemble_batch(
         loss_mask=raw["loss_mask"].to(device).bool(),
         aux_hidden=raw["aux_hidden"].to(device, non_blocking=True),
         target_in_vocab=(argmax >= 0) & t2d[argmax.clamp(min=0)],
-        teacher_hidden=final,
-        teacher_weight=teacher_weight,
+        **teacher,
     )
 
 
@@ -242,14 +276,33 @@ def open_online(
     *,
     rank: int = 0,
     world_size: int = 1,
+    fused_teacher: bool = True,
 ) -> Batches:
-    return Batches(
-        TargetRows(data, target, batch_tokens),
+    """`fused_teacher`: the teacher logits come out of the argmax's pass over the lm_head (see
+    TargetRows), screened in bf16 on CPUs where bf16 matmuls are fast; off where memory is the
+    limit (the trainer then forms them per TTT step from the final hidden state)."""
+    source = TargetRows(data, target, batch_tokens)
+    batches = Batches(
+        source,
         online_plan(data, batch_tokens, seed, rank=rank, world_size=world_size),
         target,
         data.vocab,
         device,
     )
+    if fused_teacher:
+        weight = target.lm_head_weight()
+        screen = weight.device.type == "cpu" and cpu_bf16_is_fast()
+        source.teacher = SplitVocabArgmax(
+            weight,
+            data.vocab.draft_ids,
+            screen_dtype=torch.bfloat16 if screen else None,
+            keep_weight=batches.teacher_weight.to(weight.device),
+        )
+        log.info(
+            "online teacher: draft-vocabulary logits from the argmax's pass over the lm_head%s",
+            " (other columns screened in bf16, exact)" if screen else "",
+        )
+    return batches
 
 
 def open_offline(

@@ -1,9 +1,9 @@
-"""The fused pruned-vocabulary head + loss and the chunked full-vocabulary argmax, held to their
-references. The Triton kernel runs in the interpreter (conftest sets TRITON_INTERPRET=1) on CPU
-tensors with small odd shapes; the chunked torch path runs natively with a small chunk so several
-chunks and a remainder are exercised, with every chunk's grad_logits kept from the forward, with
-none kept (recomputed in the backward) and with a budget that keeps only some. The teacher comes as
-logits or as hidden state + lm_head rows."""
+"""The fused pruned-vocabulary head + loss, held to its reference. The Triton kernel runs in the
+interpreter (conftest sets TRITON_INTERPRET=1) on CPU tensors with small odd shapes; the chunked
+torch path runs natively with a small chunk so several chunks and a remainder are exercised, with
+every chunk's grad_logits kept from the forward, with none kept (recomputed in the backward) and
+with a budget that keeps only some. The teacher comes as logits or as hidden state + lm_head
+rows."""
 
 import logging
 import math
@@ -12,7 +12,6 @@ import pytest
 import torch
 from specfast.kernels import (
     _dispatch,
-    full_vocab_argmax,
     pruned_vocab_loss,
     pruned_vocab_loss_reference,
 )
@@ -537,32 +536,3 @@ def test_unknown_backend_is_an_error():
     hidden, weight, teacher, mask = _inputs(9, 17, 33, torch.float32, "mixed_mask")
     with pytest.raises(ValueError):
         pruned_vocab_loss(hidden, weight, teacher, mask, backend="cuda")
-
-
-# --------------------------------------------------------------------------------------------------
-# full_vocab_argmax
-# --------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("chunk_size", [1, 7, 4096])
-def test_full_vocab_argmax_matches_dense(seed, chunk_size):
-    T, H, V = _odd(11, 61), _odd(9, 41), _odd(101, 301)
-    hidden, weight = torch.randn(T, H), torch.randn(V, H)
-    z = hidden @ weight.t()
-    out = full_vocab_argmax(hidden, weight, chunk_size=chunk_size)
-    assert out.dtype == torch.int64 and out.shape == (T,)
-    top2 = z.topk(2, dim=-1).values
-    clear = (top2[:, 0] - top2[:, 1]) > 1e-4 * (1 + top2[:, 0].abs())
-    assert torch.equal(out[clear], z.argmax(-1)[clear])
-    # where near-ties make the order noise-dependent, the pick must still be a maximal logit
-    assert torch.allclose(z.gather(1, out[:, None])[:, 0], top2[:, 0], rtol=1e-5, atol=1e-5)
-
-
-def test_full_vocab_argmax_ties_and_low_precision(seed):
-    T, H = 37, 4
-    hidden = torch.randint(-1, 2, (T, H)).to(torch.bfloat16)
-    half = torch.randint(-1, 2, (101, H))
-    weight = torch.cat([half, half]).to(torch.bfloat16)  # every logit appears twice: every row ties
-    z = hidden.float() @ weight.float().t()  # exact: small integers
-    assert ((z == z.max(-1, keepdim=True).values).sum(-1) > 1).all(), "every row must contain a tie"
-    assert torch.equal(full_vocab_argmax(hidden, weight, chunk_size=6), z.argmax(-1))

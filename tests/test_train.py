@@ -348,3 +348,15 @@ def test_bf16_precision_trains_close_to_fp32(tmp_path, tiny_prepared, tiny_targe
 def test_precision_is_validated():
     with pytest.raises(ValueError, match="precision must be auto, bf16 or fp32"):
         TrainConfig(data="x", precision="fp16").validate()
+
+
+def test_timing_bf16_matmuls_leaves_the_global_rng_alone():
+    # the trainer seeds the global RNG, then opens its batches (which may time bf16 matmuls), then
+    # initialises the draft: the draft must not depend on whether the timing ran
+    from specfast.device import cpu_bf16_is_fast
+
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    cpu_bf16_is_fast()
+    assert torch.equal(torch.rand(3), expected)

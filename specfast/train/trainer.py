@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from specfast.data.prepared import PreparedData
 from specfast.device import compute_dtype
-from specfast.malloc import return_freed_memory
+from specfast.malloc import keep_freed_memory, return_freed_memory
 from specfast.model.init import init_fc
 from specfast.model.load import new_draft
 from specfast.pipeline import is_shard_folder, open_offline, open_online
@@ -96,7 +96,9 @@ def open_batches(cfg: TrainConfig, device: torch.device, ranks: Ranks = SINGLE):
     )
     if cfg.shard_target and ranks.distributed:
         distributed.shard_target_layers(target)
-    return open_online(data, target, cfg.batch_tokens, cfg.seed, device, **split)
+    return open_online(
+        data, target, cfg.batch_tokens, cfg.seed, device, fused_teacher=not cfg.recompute, **split
+    )
 
 
 @dataclass
@@ -122,8 +124,8 @@ def setup_run(cfg: TrainConfig, ranks: Ranks, device: torch.device, fresh: bool 
     """The run's data, draft, model and optimizer. `fresh` (not resuming): initialise `fc` from
     the first global batch, which is then the first one trained on."""
     torch.manual_seed(cfg.seed)  # the same initial draft on every rank
-    if cfg.recompute and device.type == "cpu":
-        return_freed_memory()  # memory is the limit: freed blocks leave the process
+    if device.type == "cpu":  # memory is the limit: freed blocks leave the process; else stay
+        return_freed_memory() if cfg.recompute else keep_freed_memory()
     batches = open_batches(cfg, device, ranks)
     init_from = cfg.init_from or None  # a published draft to continue
     draft = new_draft(
