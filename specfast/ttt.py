@@ -152,13 +152,11 @@ def supervised_mask(batch: PackedBatch, k: int) -> torch.Tensor:
 
 
 def rows_needed(supervised: torch.Tensor) -> torch.Tensor:
-    """bool [steps, T]: the rows step k must compute. Step 0 computes every row: its keys are what
-    later steps attend to causally. At k ≥ 1 a row's output reaches only its own later steps (the
-    keys of steps ≥ 1 are attended on the diagonal alone), so it is needed iff some step j ≥ k
-    supervises it."""
-    later = supervised.flip(0).cummax(0).values.flip(0)
-    later[0] = True
-    return later
+    """bool [steps, T]: the rows whose output step k must compute. A row's output reaches only its
+    own later steps (the keys of steps ≥ 1 are attended on the diagonal alone), so it is needed iff
+    some step j ≥ k supervises it. Step 0 still gives every row's key and value (later steps
+    attend to them causally); the rows it does not need skip its output projection and MLP."""
+    return supervised.flip(0).cummax(0).values.flip(0)
 
 
 class StepAttention:
@@ -278,9 +276,13 @@ def ttt_unroll(
                 step_losses += [0.0] * (steps - k)
                 correct += [torch.zeros(L, dtype=torch.bool, device=h.device)] * (steps - k)
                 break
+        # step 0: every row's key and value, the output of the rows some step needs (if any)
+        out = needed[0] if k == 0 and not static and bool(needed[0].any()) else None
         attend = StepAttention(keys, values, k, rows, doc_ids)
         tokens = shifted(batch.input_ids, 1 + k, 0)[rows][None]
-        h = draft.step(tokens, h, (batch.positions[rows] + k)[None], attend, recompute)
+        h = draft.step(tokens, h, (batch.positions[rows] + k)[None], attend, recompute, out)
+        if out is not None:
+            rows = rows[out]
         # The head and loss see the supervised rows only; the loss is a mean over them.
         if static:
             pick, teacher_at = None, (rows + 1 + k).clamp(max=L - 1)

@@ -124,10 +124,16 @@ class DecoderLayer(nn.Module):
         h, y = add_rms_norm(residual, o, norm.weight, norm.eps)
         return h + self.mlp(y)
 
-    def forward(self, emb, h, positions, rotary, attend):
-        """emb, h [B, T, H]; attend(q, k, v) -> [B, nh, T, hd]."""
+    def forward(self, emb, h, positions, rotary, attend, out_rows=None):
+        """emb, h [B, T, H]; attend(q, k, v) -> [B, nh, T, hd]. `out_rows` (bool [T]): the rows
+        whose new hidden state is returned; every row still gives its key and value."""
         q, k, v, residual = self.pre(emb, h, positions, rotary)
-        return self.post(attend(q, k, v), residual)
+        return self.post(*_rows_of(attend(q, k, v), residual, out_rows))
+
+
+def _rows_of(a, residual, rows):
+    """The attention output [B, nh, T, hd] and residual [B, T, H] at `rows` (all when None)."""
+    return (a, residual) if rows is None else (a[:, :, rows], residual[:, rows])
 
 
 class Eagle3Draft(nn.Module):
@@ -181,9 +187,11 @@ class Eagle3Draft(nn.Module):
             )
         return F.embedding(token_ids, self.embed_tokens).to(self.fc.weight.dtype)
 
-    def step(self, token_ids, h, positions, attend, recompute: bool = False):
+    def step(self, token_ids, h, positions, attend, recompute: bool = False, out_rows=None):
         """One draft step: token_ids, positions [B, T]; h [B, T, H] (fc output, or the previous
-        step's hidden state). Returns the new hidden state [B, T, H] before `norm`.
+        step's hidden state). Returns the new hidden state [B, T, H] before `norm`; with
+        `out_rows` (bool [T]) only at those rows, the others giving only their keys and values
+        (rows whose output nothing reads skip the output projection and the MLP).
 
         `recompute` (memory for time): backward keeps only the step's inputs and recomputes the
         rest, embedding and query included. `attend` must then also offer `write(k, v)` and
@@ -191,14 +199,14 @@ class Eagle3Draft(nn.Module):
         recompute must not write into the caller's buffers again."""
         layer = self.midlayer
         if not recompute:
-            return layer(self.embed(token_ids), h, positions, self.rotary, attend)
+            return layer(self.embed(token_ids), h, positions, self.rotary, attend, out_rows)
 
         def pre(ids, h, pos):
             return layer.pre(self.embed(ids), h, pos, self.rotary)
 
         def rest(ids, h, pos):
             q, _, _, residual = pre(ids, h, pos)
-            return layer.post(attend.read(q), residual)
+            return layer.post(*_rows_of(attend.read(q), residual, out_rows))
 
         _, k, v, _ = checkpoint(pre, token_ids, h, positions, use_reentrant=False)
         attend.write(k, v)
