@@ -32,9 +32,10 @@ PROBE = textwrap.dedent(
 )
 
 
-def freed_mib(mode: str) -> float:
+def probe(script: str, mode: str) -> float:
+    """The number a probe prints, run in a fresh process (mallopt settings are process-wide)."""
     out = subprocess.run(
-        [sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr
     return float(out.stdout.split()[-1])
@@ -42,8 +43,8 @@ def freed_mib(mode: str) -> float:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt: Linux only")
 def test_freed_tensors_leave_the_process():
-    assert freed_mib("on") > 200  # the 256 MiB of blocks are given back
-    assert freed_mib("off") < 100  # glibc's default keeps them: the call is what made the change
+    assert probe(PROBE, "on") > 200  # the 256 MiB of blocks are given back
+    assert probe(PROBE, "off") < 100  # glibc's default keeps them: the call is what made the change
 
 
 REUSE_PROBE = textwrap.dedent(
@@ -66,15 +67,7 @@ REUSE_PROBE = textwrap.dedent(
 )
 
 
-def faulted_share(mode: str) -> float:
-    out = subprocess.run(
-        [sys.executable, "-c", REUSE_PROBE, mode], capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0, out.stderr
-    return float(out.stdout.split()[-1])
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt: Linux only")
 def test_kept_memory_is_reused_without_fresh_pages():
-    assert faulted_share("keep") < 0.1
-    assert faulted_share("default") > 0.5  # mmapped afresh (huge pages would fault fewer)
+    assert probe(REUSE_PROBE, "keep") < 0.1
+    assert probe(REUSE_PROBE, "default") > 0.5  # mmapped afresh (huge pages would fault fewer)
