@@ -185,14 +185,17 @@ class StepAttention:
         return self.read(q)
 
 
-def _head_loss(draft, batch, teacher_at, mask, recompute, h, pick):
+def _head_loss(draft, batch, teacher_at, mask, recompute, temperature, h, pick):
     """Step loss over the rows `pick` of h [1, rows, H] (all rows when None) where `mask`, taught
-    by the teacher at `teacher_at`."""
+    by the teacher at `teacher_at` (its logits divided by `temperature`)."""
     if batch.teacher_logits is not None:
-        teacher = dict(teacher_logits=batch.teacher_logits[teacher_at])
+        logits = batch.teacher_logits[teacher_at]
+        teacher = dict(teacher_logits=logits if temperature == 1 else logits / temperature)
     else:  # the fused loss forms teacher logits tile by tile from the final hidden state
+        hidden = batch.teacher_hidden[teacher_at]  # the logits are linear in it: scale it instead
         teacher = dict(
-            teacher_hidden=batch.teacher_hidden[teacher_at], teacher_weight=batch.teacher_weight
+            teacher_hidden=hidden if temperature == 1 else hidden.float() / temperature,
+            teacher_weight=batch.teacher_weight,
         )
     return pruned_vocab_loss(
         draft.norm(h[0] if pick is None else h[0, pick]),
@@ -229,7 +232,12 @@ def padded(batch: PackedBatch, length: int) -> PackedBatch:
 
 
 def ttt_unroll(
-    draft: Eagle3Draft, batch: PackedBatch, steps: int, recompute: bool = False, bucket: int = 0
+    draft: Eagle3Draft,
+    batch: PackedBatch,
+    steps: int,
+    recompute: bool = False,
+    bucket: int = 0,
+    teacher_temperature: float = 1.0,
 ) -> TTTResult:
     """The unroll of the module docstring, computing only rows that count (exactly: the rows left
     out feed nothing that is supervised). `recompute`: store each step's inputs only and recompute
@@ -238,7 +246,10 @@ def ttt_unroll(
     `bucket` > 0: static shapes, for `torch.compile` and CUDA graphs. The row is padded to a
     multiple of `bucket` tokens, every step computes every row and the head takes all rows under
     a mask, so every tensor's shape depends on the padded length alone. Same loss, gradients and
-    metrics; more work than skipping rows."""
+    metrics; more work than skipping rows.
+
+    `teacher_temperature`: the teacher's logits are divided by it in every step's loss (below 1,
+    sharper); the accuracy metrics compare argmaxes, which it does not change."""
     T = batch.num_tokens
     if steps < 1:
         raise ValueError(f"ttt steps must be ≥ 1, not {steps}")
@@ -291,7 +302,7 @@ def ttt_unroll(
             pick = supervised[k][rows]
             teacher_at = rows[pick] + 1 + k
             mask = torch.ones_like(teacher_at, dtype=torch.bool)
-        head = partial(_head_loss, draft, batch, teacher_at, mask, recompute)
+        head = partial(_head_loss, draft, batch, teacher_at, mask, recompute, teacher_temperature)
         if recompute:  # keep h only: the normed rows and the gathered teacher are recomputed
             loss_k, correct_rows = checkpoint(head, h, pick, use_reentrant=False)
         else:

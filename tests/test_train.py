@@ -360,3 +360,8 @@ def test_timing_bf16_matmuls_leaves_the_global_rng_alone():
     torch.manual_seed(0)
     cpu_bf16_is_fast()
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_teacher_temperature_is_validated():
+    with pytest.raises(ValueError, match="teacher_temperature must be > 0"):
+        TrainConfig(data="x", teacher_temperature=0.0).validate()

@@ -53,7 +53,7 @@ def rotate(x, pos, inv_freq):
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
 
-def reference_unroll(draft, b: PackedBatch, steps: int):
+def reference_unroll(draft, b: PackedBatch, steps: int, temperature: float = 1.0):
     """Dense, loop-by-loop restatement of the semantics in specfast/ttt.py's docstring."""
     T = b.input_ids.numel()
     layer, attn = draft.midlayer, draft.midlayer.self_attn
@@ -103,7 +103,7 @@ def reference_unroll(draft, b: PackedBatch, steps: int):
         ce = []
         for t in range(T):
             if valid[t]:
-                p = torch.softmax(b.teacher_logits[t + 1 + k], -1)
+                p = torch.softmax(b.teacher_logits[t + 1 + k] / temperature, -1)
                 ce.append(-(p * torch.log_softmax(logits[t], -1)).sum())
         loss_k = torch.stack(ce).mean() if ce else logits.sum() * 0
         total = total + 0.8**k * loss_k
@@ -240,3 +240,23 @@ def test_static_shapes_give_the_same_step_with_shapes_fixed_by_the_bucket(seed, 
         every_static |= set(static_shapes)
     hook.remove()
     assert len(every_static) == 1  # and both row lengths run the very same shapes
+
+
+@pytest.mark.parametrize("form", ["logits", "hidden"])
+def test_teacher_temperature_divides_the_teachers_logits(seed, form):
+    """Both teacher forms, against the reference with the teacher's logits divided by it; the
+    accuracies compare argmaxes, which it leaves alone."""
+    draft = tiny_draft()
+    b = random_batch([10, 7])
+    hidden, weight = torch.randn(b.num_tokens, 20), torch.randn(12, 20)
+    b.teacher_logits = hidden @ weight.t()
+    batch = b
+    if form == "hidden":
+        by_hidden = {"teacher_logits": None, "teacher_hidden": hidden, "teacher_weight": weight}
+        batch = PackedBatch(**{**vars(b), **by_hidden})
+    res = ttt_unroll(draft, batch, 3, teacher_temperature=0.4)
+    ref_loss, ref_correct, ref_valid = reference_unroll(draft, b, 3, temperature=0.4)
+    torch.testing.assert_close(res.loss, ref_loss, rtol=1e-5, atol=1e-5)
+    assert torch.equal(res.correct, ref_correct & ref_valid)
+    plain, _, _ = reference_unroll(draft, b, 3)
+    assert not torch.allclose(res.loss, plain)  # the temperature changed the loss

@@ -55,6 +55,9 @@ class TrainConfig:
     init_from: str = ""
     fc_init: str = "aux_rms"  # aux_rms: scaled to the first batch's aux states | normal: std 0.02
     fc_init_rms: float = 0.5  # fc_init aux_rms: RMS of fc(aux) at the start
+    # The teacher's logits are divided by it before its softmax: below 1 the target's distribution
+    # is sharpened toward its own pick, which greedy decoding accepts
+    teacher_temperature: float = 1.0
     eval_every: int = 0  # real speculative decoding on --eval-prompts every N steps; 0 = never
     # Held-out prompts for eval_every, e.g. a prepared folder's heldout.jsonl.
     eval_prompts: str = ""
@@ -91,6 +94,10 @@ class TrainConfig:
             f"fc_init must be aux_rms or normal, not {self.fc_init!r}",
         )
         need(self.fc_init_rms > 0, f"fc_init_rms must be > 0, not {self.fc_init_rms}")
+        need(
+            self.teacher_temperature > 0,
+            f"teacher_temperature must be > 0, not {self.teacher_temperature}",
+        )
         need(self.eval_every >= 0, f"eval_every must be ≥ 0, not {self.eval_every}")
         need(
             not self.eval_every or self.eval_prompts,

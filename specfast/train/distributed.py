@@ -151,13 +151,23 @@ class Unroll(nn.Module):
     that DDP and FSDP2 see one forward and one backward per micro-batch. Tensors in (the batch's
     fields as keywords), tensors out: (loss, correct, valid, step losses)."""
 
-    def __init__(self, draft: nn.Module, steps: int, recompute: bool, bucket: int = 0):
+    def __init__(
+        self,
+        draft: nn.Module,
+        steps: int,
+        recompute: bool,
+        bucket: int = 0,
+        teacher_temperature: float = 1.0,
+    ):
         super().__init__()
         self.draft, self.steps, self.recompute, self.bucket = draft, steps, recompute, bucket
+        self.teacher_temperature = teacher_temperature
 
     def forward(self, **batch_fields):
         batch = PackedBatch(**batch_fields)
-        res = ttt_unroll(self.draft, batch, self.steps, self.recompute, self.bucket)
+        res = ttt_unroll(
+            self.draft, batch, self.steps, self.recompute, self.bucket, self.teacher_temperature
+        )
         return res.loss, res.correct, res.valid, torch.tensor(res.step_losses, dtype=torch.float64)
 
 

@@ -62,6 +62,7 @@ RESUME_MUST_MATCH = (
     "warmup",
     "fc_init",
     "fc_init_rms",
+    "teacher_temperature",
 )
 
 
@@ -142,7 +143,10 @@ def setup_run(cfg: TrainConfig, ranks: Ranks, device: torch.device, fresh: bool 
         if ranks.is_main:
             log.info("fc init: %s", info)
     model = distributed.wrap(
-        Unroll(draft, cfg.ttt_steps, cfg.recompute, cfg.static_bucket), cfg.parallel, ranks, device
+        Unroll(draft, cfg.ttt_steps, cfg.recompute, cfg.static_bucket, cfg.teacher_temperature),
+        cfg.parallel,
+        ranks,
+        device,
     )
     params = [p for p in model.parameters() if p.requires_grad]  # sharded ones under FSDP2
     optimizer = torch.optim.AdamW(
