@@ -8,7 +8,6 @@ is kept, so memory is O(T + chunk²) whatever V_target is (128k-token vocabulari
 import torch
 
 
-@torch.no_grad()
 def full_vocab_argmax(hidden, weight, chunk_size=4096):
     """hidden [T, H], weight [V, H] → int64 [T]: argmax_v(hidden_t · weight_vᵀ), ties → lowest
     index.
@@ -16,25 +15,12 @@ def full_vocab_argmax(hidden, weight, chunk_size=4096):
     chunk_size bounds both the rows and the vocabulary columns of one logits block
     (fp32 [chunk_size, chunk_size], 64 MiB at the default)."""
     T, H = hidden.shape
-    V = weight.shape[0]
-    assert weight.shape == (V, H), (
+    assert weight.shape == (weight.shape[0], H), (
         f"weight {tuple(weight.shape)} does not match hidden {tuple(hidden.shape)}"
     )
     assert chunk_size >= 1
-    out = torch.empty(T, dtype=torch.int64, device=hidden.device)
-    for t0 in range(0, T, chunk_size):
-        h = hidden[t0 : t0 + chunk_size].float()
-        best = torch.full((h.shape[0],), float("-inf"), dtype=torch.float32, device=hidden.device)
-        best_idx = torch.zeros(h.shape[0], dtype=torch.int64, device=hidden.device)
-        for v0 in range(0, V, chunk_size):
-            # fp32 weight rows per block: a bf16 logit would round near-ties into false ties
-            z = h @ weight[v0 : v0 + chunk_size].float().t()
-            val, idx = z.max(-1)  # first maximal index within the block
-            better = val > best  # strict: an equal value in a later block keeps the lower index
-            best = torch.where(better, val, best)
-            best_idx = torch.where(better, idx + v0, best_idx)
-        out[t0 : t0 + chunk_size] = best_idx
-    return out
+    no_columns = torch.zeros(0, dtype=torch.int64, device=weight.device)
+    return SplitVocabArgmax(weight, no_columns, chunk_size=chunk_size)(hidden)[0]
 
 
 class SplitVocabArgmax:
@@ -75,17 +61,22 @@ class SplitVocabArgmax:
             other = torch.ones(V, dtype=torch.bool, device=weight.device)
             other[keep_ids] = False
             self.other_ids = other.nonzero()[:, 0]
-            self.other_screen = weight[self.other_ids].to(screen_dtype)
-            self.other_norm = weight[self.other_ids].float().norm(dim=1)
+            others = weight[self.other_ids]
+            self.other_screen, self.other_norm = others.to(screen_dtype), others.float().norm(dim=1)
             self.bound = _bound(screen_dtype, H)
 
     @torch.no_grad()
     def __call__(self, hidden):
-        """hidden [T, H] → (argmax int64 [T] over all V columns, fp32 [T, K] logits of keep_ids)."""
-        h = hidden.float()
-        if self.screen_dtype is None:
-            return self._exact(h)
-        return self._screened(h)
+        """hidden [T, H] → (argmax int64 [T] over all V columns, fp32 [T, K] logits of keep_ids).
+        Rows go chunk_size at a time (fp32 [chunk_size, chunk_size] logits blocks)."""
+        one = self._exact if self.screen_dtype is None else self._screened
+        parts = [
+            one(hidden[t0 : t0 + self.chunk_size].float())
+            for t0 in range(0, hidden.shape[0], self.chunk_size)
+        ]
+        if not parts:
+            return one(hidden.float())
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def _exact(self, h):
         V, K = self.weight.shape[0], self.keep_ids.numel()

@@ -172,7 +172,7 @@ def test_model_that_drops_document_bounds_falls_back_to_dense(tiny_target_dir, c
 
 
 def test_argmax_rows_computes_exactly_those_rows(tiny_target_dir, seed, monkeypatch):
-    import specfast.targets.hf as hf
+    import specfast.targets.base as base
 
     target = HFTarget(tiny_target_dir)
     ids = torch.randint(0, target.vocab_size, (30,))
@@ -184,7 +184,7 @@ def test_argmax_rows_computes_exactly_those_rows(tiny_target_dir, seed, monkeypa
         rows_seen.append(hidden.shape[0])
         return full_vocab_argmax(hidden, weight)
 
-    monkeypatch.setattr(hf, "full_vocab_argmax", counting_argmax)
+    monkeypatch.setattr(base, "full_vocab_argmax", counting_argmax)
     rows = torch.rand(30) < 0.4
     rows[11] = True  # the single-token document
     some = target.forward_packed(ids, doc_ids, argmax_rows=rows)

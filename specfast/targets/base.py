@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 
 from specfast.conventions import aux_layer_ids_default, check_aux_layer_ids
+from specfast.kernels import full_vocab_argmax
 
 
 @dataclass
@@ -67,6 +68,19 @@ class TargetModel(ABC):
             else aux_layer_ids_default(self.num_layers)
         )
         check_aux_layer_ids(self.aux_layer_ids, self.num_layers, self.name)
+
+    def _argmax(self, final: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """Full-vocabulary argmax of the `rows` (all when None); -1 elsewhere."""
+        if rows is None:
+            return full_vocab_argmax(final, self.lm_head_weight())
+        rows = rows.to(self.device)
+        if rows.dtype != torch.bool or rows.shape != final.shape[:1]:
+            raise ValueError(
+                f"argmax_rows must be bool [{final.shape[0]}], got {rows.dtype} {tuple(rows.shape)}"
+            )
+        argmax = torch.full(rows.shape, -1, dtype=torch.int64, device=self.device)
+        argmax[rows] = full_vocab_argmax(final[rows], self.lm_head_weight())
+        return argmax
 
     @abstractmethod
     def forward_packed(

@@ -35,8 +35,6 @@ from pathlib import Path
 
 import torch
 
-from specfast.kernels import full_vocab_argmax
-
 from .base import PackedTargetOutput, TargetModel
 from .packed import (
     ATTENTION_PER_DOCUMENT,
@@ -251,19 +249,6 @@ class HFTarget(TargetModel):
             final_hidden=final,
             argmax=self._argmax(final, argmax_rows),
         )
-
-    def _argmax(self, final: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        """Full-vocabulary argmax of the `rows` (all when None); -1 elsewhere."""
-        if rows is None:
-            return full_vocab_argmax(final, self.lm_head_weight())
-        rows = rows.to(self.device)
-        if rows.dtype != torch.bool or rows.shape != final.shape[:1]:
-            raise ValueError(
-                f"argmax_rows must be bool [{final.shape[0]}], got {rows.dtype} {tuple(rows.shape)}"
-            )
-        argmax = torch.full(rows.shape, -1, dtype=torch.int64, device=self.device)
-        argmax[rows] = full_vocab_argmax(final[rows], self.lm_head_weight())
-        return argmax
 
     def new_cache(self) -> HFCache:
         return HFCache()

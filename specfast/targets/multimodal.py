@@ -43,8 +43,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from specfast.kernels import full_vocab_argmax
-
 from .base import PackedTargetOutput, TargetModel, tokenizer_hash
 from .hf import cut_after_eos
 
@@ -397,14 +395,6 @@ class MultimodalTarget(TargetModel):
             argmax=self._argmax(final_t, argmax_rows),
             positions=torch.cat(positions),
         )
-
-    def _argmax(self, final: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        if rows is None:
-            return full_vocab_argmax(final, self.lm_head_weight())
-        rows = rows.to(self.device)
-        argmax = torch.full(rows.shape, -1, dtype=torch.int64, device=self.device)
-        argmax[rows] = full_vocab_argmax(final[rows], self.lm_head_weight())
-        return argmax
 
     # -- decoding -----------------------------------------------------------------------------
 
