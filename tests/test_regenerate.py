@@ -334,6 +334,31 @@ def test_hf_target_path_batches_and_resumes(tiny_target_dir, tmp_path):
     assert calls == [] and again == out
 
 
+def test_hf_path_batches_conversations_of_similar_length(tiny_target_dir, tmp_path):
+    from specfast.targets import load_target
+
+    target = load_target(str(tiny_target_dir), device="cpu")
+    widths = []
+
+    class Recording:
+        tokenizer = target.tokenizer
+
+        def generate(self, prompts, max_new_tokens, temperature):
+            widths.append(sorted(len(p) for p in prompts))
+            return target.generate(prompts, max_new_tokens, temperature)
+
+    words = [40, 2, 50, 3, 45, 1]  # long and short prompts interleaved
+    convs = [
+        (f"c{i}", [{"role": "user", "content": " ".join(["word"] * n)},
+                   {"role": "assistant", "content": "x"}])
+        for i, n in enumerate(words)
+    ]  # fmt: skip
+    out = regenerate(Recording(), convs, tmp_path / "r.jsonl", batch_size=3, max_new_tokens=2)
+    # Sorted by length: the three short prompts share a batch, the three long ones the other.
+    assert len(widths) == 2 and max(widths[0]) < min(widths[1])
+    assert [w for w, _ in out] == [w for w, _ in convs]  # returned in the input's order
+
+
 def test_prepare_command_through_a_server(tiny_target_dir, tiny_chat_jsonl, tok, tmp_path):
     from specfast.cli import main
     from specfast.data.prepared import PreparedData
