@@ -126,17 +126,24 @@ def isolate(threads: int = 1) -> None:
 
 
 def run_command(
-    cmd: Sequence[str], *, threads: int | None = 1, env: dict | None = None, **kwargs
+    cmd: Sequence[str],
+    *,
+    threads: int | None = 1,
+    cores: Sequence[int] | None = None,
+    env: dict | None = None,
+    **kwargs,
 ) -> subprocess.CompletedProcess:
-    """``subprocess.run(cmd, **kwargs)`` in a process pinned as :func:`isolate` would pin it."""
+    """``subprocess.run(cmd, **kwargs)`` in a process pinned as :func:`isolate` would pin it, or
+    to `cores` when given (one thread per core)."""
     if threads is None:
         return subprocess.run(list(cmd), env=env, **kwargs)
+    cores = list(cores) if cores is not None else pinned_cores(threads)
+    threads = len(cores)
     # A python trampoline sets the affinity, then execs: preexec_fn is unsafe in a threaded parent.
     pin = [
         sys.executable,
         "-c",
-        "import os, sys; os.sched_setaffinity(0, "
-        f"{pinned_cores(threads)}); os.execvp(sys.argv[1], sys.argv[1:])",
+        f"import os, sys; os.sched_setaffinity(0, {cores}); os.execvp(sys.argv[1], sys.argv[1:])",
     ]
     env = {**(os.environ if env is None else env), **thread_env(threads)}
     return subprocess.run(pin + list(cmd), env=env, **kwargs)

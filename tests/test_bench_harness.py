@@ -41,3 +41,18 @@ def test_child_value_and_peak_rss():
     assert len(big.times) == 2 and big.best == big.times[1]
     assert idle.peak_mib < 20
     assert 190 < big.peak_mib - idle.peak_mib < 260
+
+
+def test_run_command_pins_to_given_cores():
+    import os
+    import subprocess
+    import sys
+
+    show = "import os; print(sorted(os.sched_getaffinity(0)), os.environ['OMP_NUM_THREADS'])"
+    core = max(os.sched_getaffinity(0))
+    res = harness.run_command(
+        [sys.executable, "-c", show], cores=[core], stdout=subprocess.PIPE, text=True
+    )
+    assert res.stdout.split() == [f"[{core}]", "1"]
+    res = harness.run_command([sys.executable, "-c", show], stdout=subprocess.PIPE, text=True)
+    assert res.stdout.split() == [str(harness.pinned_cores(1)), "1"]
