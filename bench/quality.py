@@ -71,6 +71,11 @@ VARIANTS = {
     "demo-bf16-ttt2": (DEMO + ["--precision", "bf16", "--ttt-steps", "2"], ["precision"], "base"),
     "demo-bf16-ttt1": (DEMO + ["--precision", "bf16", "--ttt-steps", "1"], ["precision"], "base"),
     "demo-bf16+on-policy": (DEMO + ["--precision", "bf16"], ["precision"], "onpolicy"),
+    "demo-bf16-ttt2+init": (
+        DEMO + ["--precision", "bf16", "--ttt-steps", "2", "--init-from-target"],
+        ["precision"],
+        "base",
+    ),
     "fc-init": (FIXES["fc_init"], ["fc_init"], "base"),
     "schedule": (FIXES["schedule"], ["lr_schedule", "warmup"], "base"),
     "lr-1e-3": (FIXES["lr"], [], "base"),

@@ -1,4 +1,5 @@
-"""fc init (specfast/model/init.py): scaled to the measured aux RMS, sinks left out."""
+"""Draft init: fc scaled to the measured aux RMS (sinks left out), and the head started from the
+target's rows with its norm scaled to unit logits (specfast/model/init.py, model/draft.py)."""
 
 import pytest
 import torch
@@ -88,3 +89,46 @@ def test_init_rejects_bad_input():
         init_fc(m, aux, pos, target_rms=0.0)
     with pytest.raises(ValueError, match="RMS"):
         init_fc(m, torch.zeros(10, 192))
+
+
+def test_init_from_target_copies_head_rows_and_scales_norm_to_unit_logits():
+    from specfast.model import DraftConfig, Eagle3Draft
+
+    vocab, draft_vocab, hidden = 300, 37, 48
+    cfg = DraftConfig(
+        hidden_size=hidden,
+        target_hidden_size=hidden,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,
+        intermediate_size=64,
+        vocab_size=vocab,
+        draft_vocab_size=draft_vocab,
+        aux_layer_ids=[1, 2, 3],
+        rope_theta=100.0,
+    )
+    draft = Eagle3Draft(cfg)
+    ids = torch.randperm(vocab)[:draft_vocab].sort().values
+    draft.set_vocab(ids)
+    head = torch.randn(vocab, hidden) * (0.05 + torch.rand(vocab, 1))  # uneven row norms
+    norm = 1.0 + torch.rand(hidden) * 2  # a trained norm: logits far above unit std
+    draft.attach_target(torch.randn(vocab, hidden), head, norm)
+    assert torch.equal(draft.lm_head.weight, head[ids])
+    # The norm keeps the target's shape, only scaled ...
+    ratio = draft.norm.weight / norm
+    assert torch.allclose(ratio, ratio[0].expand_as(ratio)) and 0 < ratio[0] < 1
+    # ... so that a unit-RMS hidden state gives logits of unit std on average over the rows.
+    h = torch.randn(20000, hidden)
+    h = h / h.pow(2).mean(-1, keepdim=True).sqrt()
+    logits = (h * draft.norm.weight) @ draft.lm_head.weight.T
+    assert logits.std(0).mean().item() == pytest.approx(1.0, rel=0.05)
+    without = (h * norm) @ head[ids].T
+    assert without.std(0).mean().item() > 3
+
+
+def test_init_logit_scale_is_the_inverse_mean_row_norm():
+    from specfast.model.draft import init_logit_scale
+
+    head = torch.tensor([[3.0, 4.0], [0.0, 1.0]])  # row norms 5 and 1 with a unit norm weight
+    assert init_logit_scale(head, torch.ones(2)) == pytest.approx(1 / 3)
+    assert init_logit_scale(head, torch.full((2,), 2.0)) == pytest.approx(1 / 6)

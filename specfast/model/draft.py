@@ -136,6 +136,17 @@ def _rows_of(a, residual, rows):
     return (a, residual) if rows is None else (a[:, :, rows], residual[:, rows])
 
 
+def init_logit_scale(head: torch.Tensor, norm_weight: torch.Tensor) -> float:
+    """The factor on the target's final-norm weight that gives the draft unit-std logits at the
+    start. The target's head times its norm gives logits of std ~6 on a unit-RMS hidden state
+    (SmolLM2), and an untrained draft's hidden state is not the target's: the first losses are
+    ~19 nats, not ~9, and the head's rows are pushed about before they help (measured: τ 1.29 →
+    1.32 at 412 steps with the scale, worse than a fresh head without it). A unit-RMS state gives
+    logit j a std of ‖w_j ⊙ norm‖, so divide by its mean over the draft's rows."""
+    rows = (head.float() * norm_weight.float().to(head.device)).norm(dim=1)
+    return 1.0 / float(rows.mean().clamp(min=1e-6))
+
+
 class Eagle3Draft(nn.Module):
     def __init__(self, cfg: DraftConfig):
         super().__init__()
@@ -171,14 +182,15 @@ class Eagle3Draft(nn.Module):
         lm_head_weight: torch.Tensor | None = None,
         final_norm_weight: torch.Tensor | None = None,
     ) -> None:
-        """Share the target's frozen embeddings; optionally start lm_head and norm from the target's
-        own rows (a far better start than random for a short run)."""
+        """Share the target's frozen embeddings; optionally start lm_head from the target's own
+        rows and the final norm from the target's, scaled by `init_logit_scale` (see below)."""
         self.embed_tokens = embed_weight.detach()
         with torch.no_grad():
             if lm_head_weight is not None:
                 self.lm_head.weight.copy_(lm_head_weight[self.draft_ids.to(lm_head_weight.device)])
             if final_norm_weight is not None:
-                self.norm.weight.copy_(final_norm_weight)
+                scale = init_logit_scale(self.lm_head.weight, final_norm_weight)
+                self.norm.weight.copy_(final_norm_weight * scale)
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         if self.embed_tokens.numel() == 0:

@@ -49,7 +49,7 @@ class TrainConfig:
     # Pad each row to a multiple of N tokens and compute every row at every TTT step: static
     # shapes for torch.compile / CUDA graphs (more work than skipping rows); 0 = off.
     static_bucket: int = 0
-    init_from_target: bool = False  # start lm_head and norm from the target's own weights
+    init_from_target: bool = False  # lm_head from the target's rows; norm scaled to unit logits
     # A published EAGLE-3 draft to continue (export folder: vLLM/SGLang, SpecForge or speculators
     # layout; or a checkpoint / run folder); its lm_head follows the data's draft vocabulary.
     init_from: str = ""
