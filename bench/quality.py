@@ -4,7 +4,7 @@ on held-out prompts at K=3 and K=5. One table: τ per recipe and its ratio to to
 training tokens/s, steps and the final per-step accuracies.
 
     python bench/quality.py --quick                      # smoke run: tiny budget, not saved
-    python bench/quality.py --minutes 30                 # → bench/results/quality-<machine>.md
+    python bench/quality.py --minutes 30 --jobs 2   # → bench/results/quality-30min-<machine>.md
     python bench/quality.py --variants defaults,all --onpolicy-data DIR
 
 Method. `specfast prepare` of the first --conversations ShareGPT conversations (plus --heldout
@@ -286,8 +286,12 @@ def main(argv=None) -> int:
         "",
         *report(results, a),
     ]
+    tag = f"{a.steps}steps" if a.steps else f"{a.minutes:g}min"
     harness.write_result(
-        "quality", "# Draft quality per CPU budget (bench/quality.py)", body, save=not a.quick
+        f"quality-{tag}",
+        "# Draft quality per CPU budget (bench/quality.py)",
+        body,
+        save=not a.quick,
     )
     return 0
 
