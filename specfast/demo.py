@@ -19,8 +19,9 @@ log = logging.getLogger("specfast")
 # gave 1.259, TTT 4 1.222, TTT 1 1.237 (1,024-token rows); 512-token rows, twice the steps over the
 # same tokens, 1.290; lr 2e-3 / 3e-3 no better than 1e-3; teacher temperature 0.5 / 0.25 gave
 # 1.308 / 1.294, within the ~0.02 noise of 1.290. The head started from the target's rows (norm
-# scaled to unit logits): 1.321. Not kept: SmolLM2's own answers to 1,647 first turns instead of
-# ShareGPT's (1.290) or mixed in (1.281); a 2,048-token draft vocabulary (1.285).
+# scaled to unit logits): 1.321 (seed 1: 1.306 against 1.282). Not kept: SmolLM2's own answers
+# to 1,647 first turns instead of ShareGPT's (1.290) or mixed in (1.281); a 2,048-token draft
+# vocabulary (1.285).
 DEMO_TRAIN = dict(
     ttt_steps=2,
     batch_tokens=512,
