@@ -183,7 +183,7 @@ class Eagle3Draft(nn.Module):
         final_norm_weight: torch.Tensor | None = None,
     ) -> None:
         """Share the target's frozen embeddings; optionally start lm_head from the target's own
-        rows and the final norm from the target's, scaled by `init_logit_scale` (see below)."""
+        rows and the final norm from the target's, scaled by `init_logit_scale` (unit logits)."""
         self.embed_tokens = embed_weight.detach()
         with torch.no_grad():
             if lm_head_weight is not None:
