@@ -78,6 +78,13 @@ class SplitVocabArgmax:
             return one(hidden.float())
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
+    @torch.no_grad()
+    def kept_logits(self, hidden):
+        """hidden [T, H] → fp32 [T, K]: the kept columns' logits alone, as __call__ gives them
+        (for a caller that already has the argmax)."""
+        w = self.keep_weight if self.screen_dtype is not None else self.weight[self.keep_ids]
+        return hidden.float() @ w.float().t()
+
     def _exact(self, h):
         V, K = self.weight.shape[0], self.keep_ids.numel()
         kept = torch.empty(h.shape[0], K, dtype=torch.float32, device=h.device)

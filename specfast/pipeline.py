@@ -4,7 +4,8 @@
         │ sample indices
         ▼
     source.stream(batches)          TargetRows: prepared data, the target runs on each packed row
-        │ raw batch dicts           ShardRows:  hidden-state shards, read ahead by the C++ reader
+        │ raw batch dicts             (or its outputs come from a TargetOutputCache, epoch 2 on)
+        │                           ShardRows:  hidden-state shards, read ahead by the C++ reader
         ▼
     assemble_batch()                a PackedBatch on the training device
         │
@@ -76,6 +77,53 @@ def teacher_rows(loss_mask: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor
     return rows
 
 
+class TargetOutputCache:
+    """The target's outputs for each sample it has run on (aux and final hidden states, argmax),
+    kept in host memory up to `max_bytes`, so that later epochs train without the target forward
+    (on 2 CPU cores it is ~70% of an online step). Per sample, not per batch: packing changes every
+    epoch, and the target attends within each document only, so a sample's outputs do not depend on
+    its neighbours in the row. Once full it keeps what it has; the rest runs through the target. Per
+    process: under torchrun each rank holds the samples it ran."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = int(max_bytes), 0
+        self.samples: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.hits = self.misses = 0
+
+    def get(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(aux [T, 3H], final [T, H], argmax int64 [T]) of samples `idx` back to back, or None
+        unless every one of them is held."""
+        parts = [self.samples.get(int(i)) for i in idx]
+        if any(p is None for p in parts):
+            self.misses += 1
+            return None
+        self.hits += 1
+        return tuple(torch.cat([p[k] for p in parts]) for k in range(3))
+
+    def put(self, idx: np.ndarray, offsets: torch.Tensor, aux, final, argmax) -> None:
+        for i, a, b in zip(idx.tolist(), offsets[:-1].tolist(), offsets[1:].tolist()):
+            if i in self.samples:
+                continue
+            item = (
+                aux[a:b].to("cpu", copy=True),
+                final[a:b].to("cpu", copy=True),
+                argmax[a:b].to("cpu", torch.int32, copy=True),
+            )
+            size = sum(t.numel() * t.element_size() for t in item)
+            if self.bytes + size > self.max_bytes:
+                return
+            self.samples[i] = item
+            self.bytes += size
+
+    def stats(self) -> dict:
+        return {
+            "samples": len(self.samples),
+            "gib": round(self.bytes / 2**30, 3),
+            "batches_from_cache": self.hits,
+            "batches_through_target": self.misses,
+        }
+
+
 class TargetRows:
     """Online source: samples of a prepared dataset, cut to the token budget, packed into one row
     and run through the target.
@@ -84,7 +132,10 @@ class TargetRows:
     columns): the rows that can be supervised get their full-vocabulary argmax and their teacher
     logits (`teacher_logits` [T, V_draft], zero elsewhere) from one pass over the lm_head, while
     those logits fit `teacher_bytes`; beyond, the argmax alone, and the trainer forms the teacher
-    from the final hidden state."""
+    from the final hidden state.
+
+    `cache` (a TargetOutputCache): batches whose samples it holds skip the target; their teacher
+    logits are formed again from the cached final hidden state."""
 
     def __init__(
         self,
@@ -93,6 +144,7 @@ class TargetRows:
         batch_tokens: int,
         teacher: SplitVocabArgmax | None = None,
         teacher_bytes: int = TEACHER_LOGITS_BYTES,
+        cache: TargetOutputCache | None = None,
     ):
         check_matches_target(
             data.root,
@@ -103,6 +155,12 @@ class TargetRows:
         )
         self.data, self.target, self.batch_tokens = data, target, batch_tokens
         self.teacher, self.teacher_bytes = teacher, teacher_bytes
+        self.cache = cache
+        if cache is not None and data.media is not None:
+            raise ValueError(
+                f"{data.root}: the target output cache is for text data (a multimodal sample's "
+                "outputs depend on its media); train without it"
+            )
 
     def lengths(self) -> np.ndarray:
         return self.data.lengths()
@@ -115,22 +173,33 @@ class TargetRows:
             fused = self.teacher is not None and (
                 int(rows.sum()) * self.teacher.keep_ids.numel() * 4 <= self.teacher_bytes
             )
+            raw = {"sample_ids": torch.as_tensor(idx), "offsets": offsets, "input_ids": ids}
+            raw["loss_mask"] = mask
+            cached = self.cache.get(idx) if self.cache is not None else None
+            if cached is not None:
+                raw["aux_hidden"], raw["final_hidden"], raw["target_argmax"] = cached
+                if fused:
+                    raw["teacher_logits"] = self._teacher_only(cached[1], rows)
+                yield raw
+                continue
             argmax_rows = torch.zeros_like(rows) if fused else rows  # fused: argmax below
             out = self.target.forward_packed(ids, doc_ids, argmax_rows)
-            raw = {
-                "sample_ids": torch.as_tensor(idx),
-                "offsets": offsets,
-                "input_ids": ids,
-                "loss_mask": mask,
-                "aux_hidden": out.aux_hidden,
-                "final_hidden": out.final_hidden,
-                "target_argmax": out.argmax,
-            }
+            raw.update(aux_hidden=out.aux_hidden, final_hidden=out.final_hidden)
+            raw["target_argmax"] = out.argmax
             if fused:
                 raw["target_argmax"], raw["teacher_logits"] = self._argmax_and_teacher(out, rows)
             if out.positions is not None:  # an mRoPE target: the draft's positions are its own
                 raw["positions"] = out.positions
+            if self.cache is not None:
+                self.cache.put(idx, offsets, out.aux_hidden, out.final_hidden, raw["target_argmax"])
             yield raw
+
+    def _teacher_only(self, final: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The teacher logits of `_argmax_and_teacher` from a cached final hidden state (the
+        argmax is cached too)."""
+        logits = final.new_zeros(rows.numel(), self.teacher.keep_ids.numel(), dtype=torch.float32)
+        logits[rows] = self.teacher.kept_logits(final[rows])
+        return logits
 
     def _argmax_and_teacher(self, out, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         final = out.final_hidden
@@ -253,14 +322,18 @@ def online_plan(
     *,
     rank: int = 0,
     world_size: int = 1,
+    max_samples: int = 0,
 ) -> BatchPlan:
     """The plan over a prepared dataset: only samples that can be supervised within the token
-    budget."""
+    budget; the first `max_samples` of them when it is > 0."""
+    eligible = supervised_within(data, batch_tokens)
+    if max_samples > 0:
+        eligible = eligible[:max_samples]
     return BatchPlan(
         data.lengths(),
         batch_tokens,
         seed,
-        eligible=supervised_within(data, batch_tokens),
+        eligible=eligible,
         shuffle=shuffle,
         rank=rank,
         world_size=world_size,
@@ -277,14 +350,20 @@ def open_online(
     rank: int = 0,
     world_size: int = 1,
     fused_teacher: bool = True,
+    cache_bytes: int = 0,
+    max_samples: int = 0,
 ) -> Batches:
     """`fused_teacher`: the teacher logits come out of the argmax's pass over the lm_head (see
     TargetRows), screened in bf16 on CPUs where bf16 matmuls are fast; off where memory is the
-    limit (the trainer then forms them per TTT step from the final hidden state)."""
-    source = TargetRows(data, target, batch_tokens)
+    limit (the trainer then forms them per TTT step from the final hidden state). `cache_bytes`:
+    keep the target's outputs per sample (TargetOutputCache); `max_samples`: see online_plan."""
+    cache = TargetOutputCache(cache_bytes) if cache_bytes > 0 else None
+    source = TargetRows(data, target, batch_tokens, cache=cache)
     batches = Batches(
         source,
-        online_plan(data, batch_tokens, seed, rank=rank, world_size=world_size),
+        online_plan(
+            data, batch_tokens, seed, rank=rank, world_size=world_size, max_samples=max_samples
+        ),
         target,
         data.vocab,
         device,
@@ -314,9 +393,11 @@ def open_offline(
     *,
     rank: int = 0,
     world_size: int = 1,
+    max_samples: int = 0,
 ) -> Batches:
     """`dataset`: a ShardDataset; `target` needs only the tokenizer, embeddings and lm_head.
-    `rank` of `world_size` reads only its own batches of the one global plan."""
+    `rank` of `world_size` reads only its own batches of the one global plan; `max_samples` > 0:
+    the first that many samples only."""
     shard_dir = dataset.path
     cap = dataset.capture
     vocab = read_vocab(Path(shard_dir))
@@ -328,7 +409,16 @@ def open_offline(
         hidden_size=cap["hidden_size"],
         vocab_size=vocab.target_vocab_size,
     )
-    plan = BatchPlan(dataset.sample_lengths, batch_tokens, seed, rank=rank, world_size=world_size)
+    n = len(dataset.sample_lengths)
+    eligible = np.arange(min(n, max_samples) if max_samples > 0 else n, dtype=np.int64)
+    plan = BatchPlan(
+        dataset.sample_lengths,
+        batch_tokens,
+        seed,
+        eligible=eligible,
+        rank=rank,
+        world_size=world_size,
+    )
     return Batches(ShardRows(dataset, batch_tokens, device), plan, target, vocab, device)
 
 

@@ -127,3 +127,13 @@ def test_online_batches_carry_the_same_teacher_fused_or_not(tiny_prepared, tiny_
         assert (raw["target_argmax"][~rows] == -1).all()
         expected = final @ W[data.vocab.draft_ids].t()
         torch.testing.assert_close(batch.teacher_rows(rows.nonzero()[:, 0]), expected)
+
+
+@pytest.mark.parametrize("screen", [None, torch.bfloat16])
+def test_kept_logits_are_the_kept_columns_of_the_full_pass(screen):
+    V, H, T = 300, 24, 37
+    weight, hidden = torch.randn(V, H), torch.randn(T, H)
+    keep = torch.randperm(V)[:50].sort().values
+    split = SplitVocabArgmax(weight, keep, screen, chunk_size=64)
+    _, kept = split(hidden)
+    torch.testing.assert_close(split.kept_logits(hidden), kept, rtol=1e-5, atol=1e-5)

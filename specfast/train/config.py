@@ -22,6 +22,12 @@ class TrainConfig:
     out: str = "runs/draft"  # the run folder: checkpoints, metrics, plots, summary
     ttt_steps: int = 7  # draft steps unrolled per position (training-time test)
     batch_tokens: int = 2048  # token budget of one packed row (longer samples are cut to it)
+    # Train on the first N samples of the data (those with a supervised token); 0 = all. With
+    # target_cache_gb, a small N gives more epochs, each after the first without the target.
+    max_samples: int = 0
+    # Online: keep the target's outputs per sample in host memory, up to this many GiB, so later
+    # epochs skip the target forward (~4.6 KiB a token for a 576-wide target in bf16); 0 = off
+    target_cache_gb: float = 0.0
     grad_accum: int = 1  # packed rows per optimizer step (per rank)
     max_steps: int = 1000  # optimizer steps
     max_minutes: float = 0.0  # stop (and save) after this much training time; 0 = no limit
@@ -76,6 +82,8 @@ class TrainConfig:
         need(self.data, "data is required (a `specfast prepare` output folder)")
         need(self.ttt_steps >= 1, f"ttt_steps must be ≥ 1, not {self.ttt_steps}")
         need(self.batch_tokens >= 16, f"batch_tokens must be ≥ 16, not {self.batch_tokens}")
+        need(self.max_samples >= 0, f"max_samples must be ≥ 0, not {self.max_samples}")
+        need(self.target_cache_gb >= 0, f"target_cache_gb must be ≥ 0, not {self.target_cache_gb}")
         need(self.static_bucket >= 0, f"static_bucket must be ≥ 0, not {self.static_bucket}")
         need(self.grad_accum >= 1, f"grad_accum must be ≥ 1, not {self.grad_accum}")
         need(self.max_steps >= 1, f"max_steps must be ≥ 1, not {self.max_steps}")

@@ -47,6 +47,7 @@ RESUME_MUST_MATCH = (
     "target",
     "ttt_steps",
     "batch_tokens",
+    "max_samples",
     "seed",
     "lr",
     "min_lr_ratio",
@@ -87,7 +88,20 @@ def open_batches(cfg: TrainConfig, device: torch.device, ranks: Ranks = SINGLE):
         target = HeadsOnlyTarget(
             resolve_target_path(cfg.target), captured, device, dtype, cfg.target
         )
-        return open_offline(dataset, target, cfg.batch_tokens, cfg.seed, device, **split)
+        if cfg.target_cache_gb:
+            raise ValueError(
+                f"{cfg.data}: target_cache_gb is for online training; shards are "
+                "already the target's outputs"
+            )
+        return open_offline(
+            dataset,
+            target,
+            cfg.batch_tokens,
+            cfg.seed,
+            device,
+            max_samples=cfg.max_samples,
+            **split,
+        )
     data = PreparedData.load(cfg.data)  # before the target: bad data fails fast
     target = load_target(
         cfg.target,
@@ -98,7 +112,15 @@ def open_batches(cfg: TrainConfig, device: torch.device, ranks: Ranks = SINGLE):
     if cfg.shard_target and ranks.distributed:
         distributed.shard_target_layers(target)
     return open_online(
-        data, target, cfg.batch_tokens, cfg.seed, device, fused_teacher=not cfg.recompute, **split
+        data,
+        target,
+        cfg.batch_tokens,
+        cfg.seed,
+        device,
+        fused_teacher=not cfg.recompute,
+        cache_bytes=int(cfg.target_cache_gb * 2**30),
+        max_samples=cfg.max_samples,
+        **split,
     )
 
 
@@ -386,6 +408,10 @@ def _train(cfg: TrainConfig, where: bool | str, ranks: Ranks, device: torch.devi
         "checkpoint": str(latest_checkpoint(run.out)),
         **{f"recent_{k}": v for k, v in smooth.items()},
     }
+    cache = getattr(run.batches.source, "cache", None)
+    if cache is not None:
+        summary["target_cache"] = cache.stats()
+        log.info("target output cache: %s", summary["target_cache"])
     if main:
         (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
