@@ -190,7 +190,7 @@ class TargetRows:
                 raw["target_argmax"], raw["teacher_logits"] = self._argmax_and_teacher(out, rows)
             if out.positions is not None:  # an mRoPE target: the draft's positions are its own
                 raw["positions"] = out.positions
-            if self.cache is not None:
+            if self.cache is not None and out.positions is None:  # mRoPE positions: not kept
                 self.cache.put(idx, offsets, out.aux_hidden, out.final_hidden, raw["target_argmax"])
             yield raw
 
