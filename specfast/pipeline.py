@@ -177,9 +177,11 @@ class TargetRows:
             raw["loss_mask"] = mask
             cached = self.cache.get(idx) if self.cache is not None else None
             if cached is not None:
-                raw["aux_hidden"], raw["final_hidden"], raw["target_argmax"] = cached
+                # Back where the target's outputs would be (the teacher's weight is there too).
+                aux, final, argmax = (t.to(self.target.device) for t in cached)
+                raw.update(aux_hidden=aux, final_hidden=final, target_argmax=argmax)
                 if fused:
-                    raw["teacher_logits"] = self._teacher_only(cached[1], rows)
+                    raw["teacher_logits"] = self._teacher_only(final, rows)
                 yield raw
                 continue
             argmax_rows = torch.zeros_like(rows) if fused else rows  # fused: argmax below
@@ -197,6 +199,7 @@ class TargetRows:
     def _teacher_only(self, final: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """The teacher logits of `_argmax_and_teacher` from a cached final hidden state (the
         argmax is cached too)."""
+        rows = rows.to(final.device)
         logits = final.new_zeros(rows.numel(), self.teacher.keep_ids.numel(), dtype=torch.float32)
         logits[rows] = self.teacher.kept_logits(final[rows])
         return logits
