@@ -36,18 +36,23 @@ def aux_layer_ids_default(num_layers: int) -> list[int]:
 def check_aux_layer_ids(ids: list[int], num_layers: int | None = None, where: str = "") -> None:
     """Three distinct ascending layers (within the target, when its depth is known). vLLM sorts and
     de-duplicates the ids it captures, so `fc`'s input blocks only line up with what it feeds if
-    ours are already in that order."""
+    ours are already in that order. The last layer's output is not allowed: vLLM and SGLang
+    capture layer inputs, and no layer takes it as input."""
     ok = (
         isinstance(ids, (list, tuple))
         and len(ids) == 3
         and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
         and sorted(set(ids)) == list(ids)
-        and (num_layers is None or all(i < num_layers for i in ids))
+        and (num_layers is None or all(i < num_layers - 1 for i in ids))
     )
     if ok:
         return
     prefix = f"{where}: " if where else ""
-    span = f"in [0, {num_layers})" if num_layers is not None else ">= 0"
+    span = (
+        f"in [0, {num_layers - 1}) (servers capture layer inputs: not the last layer's output)"
+        if num_layers is not None
+        else ">= 0"
+    )
     hint = ""
     if num_layers is not None:
         hint = (

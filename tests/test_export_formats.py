@@ -86,3 +86,15 @@ def test_speculators_export_reads_back_to_the_same_draft(tmp_path, run):
     assert c_v == c_s
     assert t_v.keys() == t_s.keys()
     assert all(torch.equal(t_v[k], t_s[k]) for k in t_v)
+
+
+def test_aux_layer_ids_refuse_the_last_layers_output():
+    """vLLM and SGLang capture layer inputs: the last layer's output (vLLM index L) is never
+    captured, so a draft trained on it could not be served."""
+    from specfast.conventions import check_aux_layer_ids
+
+    check_aux_layer_ids([1, 14, 28], 30)
+    with pytest.raises(ValueError, match="servers capture layer inputs"):
+        check_aux_layer_ids([1, 14, 29], 30)
+    with pytest.raises(ValueError, match="ascending"):
+        check_aux_layer_ids([14, 1, 28], 30)
