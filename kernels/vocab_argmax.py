@@ -104,7 +104,7 @@ class SplitVocabArgmax:
         return best_id, kept
 
     def _screened(self, h):
-        kept = h @ self.keep_weight.float().t()
+        kept = self.kept_logits(h)
         best = torch.full_like(h[:, 0], float("-inf"))
         best_id = torch.zeros(h.shape[0], dtype=torch.int64, device=h.device)
         if kept.shape[1]:

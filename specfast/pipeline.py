@@ -173,8 +173,12 @@ class TargetRows:
             fused = self.teacher is not None and (
                 int(rows.sum()) * self.teacher.keep_ids.numel() * 4 <= self.teacher_bytes
             )
-            raw = {"sample_ids": torch.as_tensor(idx), "offsets": offsets, "input_ids": ids}
-            raw["loss_mask"] = mask
+            raw = {
+                "sample_ids": torch.as_tensor(idx),
+                "offsets": offsets,
+                "input_ids": ids,
+                "loss_mask": mask,
+            }
             cached = self.cache.get(idx) if self.cache is not None else None
             if cached is not None:
                 # Back where the target's outputs would be (the teacher's weight is there too).
@@ -186,8 +190,9 @@ class TargetRows:
                 continue
             argmax_rows = torch.zeros_like(rows) if fused else rows  # fused: argmax below
             out = self.target.forward_packed(ids, doc_ids, argmax_rows)
-            raw.update(aux_hidden=out.aux_hidden, final_hidden=out.final_hidden)
-            raw["target_argmax"] = out.argmax
+            raw.update(
+                aux_hidden=out.aux_hidden, final_hidden=out.final_hidden, target_argmax=out.argmax
+            )
             if fused:
                 raw["target_argmax"], raw["teacher_logits"] = self._argmax_and_teacher(out, rows)
             if out.positions is not None:  # an mRoPE target: the draft's positions are its own

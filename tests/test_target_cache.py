@@ -106,3 +106,21 @@ def test_bad_cache_and_sample_settings_are_refused():
         TrainConfig(data="x", max_samples=-1).validate()
     with pytest.raises(ValueError, match="target_cache_gb must be ≥ 0"):
         TrainConfig(data="x", target_cache_gb=-0.5).validate()
+
+
+def test_the_cache_is_refused_for_shards(tmp_path, tiny_prepared, tiny_target_dir):
+    from specfast.capture import capture
+
+    shards = tmp_path / "shards"
+    capture(tiny_prepared, shards, str(tiny_target_dir), batch_tokens=100, progress=False)
+    cfg = TrainConfig(
+        data=str(shards),
+        target=str(tiny_target_dir),
+        out=str(tmp_path / "run"),
+        max_steps=1,
+        target_cache_gb=1.0,
+        progress=False,
+        tensorboard=False,
+    )
+    with pytest.raises(ValueError, match="target_cache_gb is for online training"):
+        train(cfg)

@@ -79,6 +79,11 @@ def open_batches(cfg: TrainConfig, device: torch.device, ranks: Ranks = SINGLE):
         from specfast.targets import resolve_target_path
         from specfast.targets.heads import HeadsOnlyTarget
 
+        if cfg.target_cache_gb:  # before anything loads
+            raise ValueError(
+                f"{cfg.data}: target_cache_gb is for online training; shards are "
+                "already the target's outputs"
+            )
         dataset = ShardDataset(cfg.data)
         captured = dataset.capture["aux_layer_ids"]
         ids = cfg.parsed_aux_layer_ids()
@@ -88,11 +93,6 @@ def open_batches(cfg: TrainConfig, device: torch.device, ranks: Ranks = SINGLE):
         target = HeadsOnlyTarget(
             resolve_target_path(cfg.target), captured, device, dtype, cfg.target
         )
-        if cfg.target_cache_gb:
-            raise ValueError(
-                f"{cfg.data}: target_cache_gb is for online training; shards are "
-                "already the target's outputs"
-            )
         return open_offline(
             dataset,
             target,
