@@ -26,7 +26,8 @@ log = logging.getLogger("specfast")
 # 1.320 (384 steps); 250 samples 1.322 (728 steps); 150 samples 1.360 (939 steps; seed 1: 1.370
 # against 1.297); 80 samples 1.307 (1,118 steps, overfit). At the demo's 2 threads a cached step
 # gains less (0.34 s against 0.8 s): 200 samples, ~4 epochs, 801 steps, 1.337 against 1.322;
-# `make demo` from a fresh clone: 854 steps, τ 1.315 on its 8 prompts (1.279 without the cache).
+# `make demo` from fresh clones: 854 / 837 steps, τ 1.315 / 1.279 on its 8 prompts (one run without
+# the cache: 398 steps, 1.279); on 8 prompts the gain is within the noise.
 DEMO_TRAIN = dict(
     ttt_steps=2,
     batch_tokens=512,
