@@ -48,7 +48,7 @@ The backward folds the loss scale grad_out/N in after the matmuls, so fp16 grad 
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import interpreting, log_once, triton_available
+from ._dispatch import env_backend, interpreting, log_once, triton_available
 
 # Default keep budget per call of the torch path. The trainer calls this op once per TTT step
 # (7 per training step) and every call's kept blocks stay alive until the backward: 7 × 128 MiB =
@@ -114,6 +114,7 @@ def pruned_vocab_loss(
     """
     T, H, V = _check_args(hidden, weight, teacher_logits, mask, teacher_hidden, teacher_weight)
 
+    backend = env_backend(backend)
     if backend == "auto":
         if hidden.is_cuda and triton_available():
             backend = "triton"

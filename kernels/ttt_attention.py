@@ -36,7 +36,7 @@ import functools
 
 import torch
 
-from ._dispatch import interpreting, log_once, triton_available
+from ._dispatch import env_backend, interpreting, log_once, triton_available
 
 try:
     import triton
@@ -614,6 +614,7 @@ def ttt_attention(q, keys, values, doc_ids=None, scale=None, *, backend="auto"):
     """
     _check(q, keys, values, doc_ids)
     scale = keys.shape[-1] ** -0.5 if scale is None else float(scale)
+    backend = env_backend(backend)
     if backend == "auto":
         if q.is_cuda and triton_available():
             backend = "triton"

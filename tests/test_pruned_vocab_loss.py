@@ -536,3 +536,47 @@ def test_unknown_backend_is_an_error():
     hidden, weight, teacher, mask = _inputs(9, 17, 33, torch.float32, "mixed_mask")
     with pytest.raises(ValueError):
         pruned_vocab_loss(hidden, weight, teacher, mask, backend="cuda")
+
+
+def test_env_names_the_path_where_the_caller_says_auto(monkeypatch):
+    """SPECFAST_KERNELS=reference runs every op's definition where the caller left backend="auto"
+    (how a benchmark times a whole step on the references); an explicit backend still wins, and
+    a bad value is an error that names the variable."""
+    import sys
+
+    from specfast.kernels import rms_norm, ttt_attention
+
+    def module(name):  # the package exports functions named like their modules
+        return sys.modules[f"specfast.kernels.{name}"]
+
+    calls = []
+    monkeypatch.setattr(
+        module("pruned_vocab_loss"),
+        "pruned_vocab_loss_reference",
+        lambda *a, **kw: (
+            calls.append("loss") or (torch.zeros(()), torch.zeros(9, dtype=torch.bool))
+        ),
+    )
+    monkeypatch.setattr(
+        module("ttt_attention"),
+        "ttt_attention_reference",
+        lambda q, *a, **kw: calls.append("attention") or q,
+    )
+    monkeypatch.setattr(
+        module("rms_norm"), "rms_norm_reference", lambda x, *a: calls.append("rms_norm") or x
+    )
+    hidden, weight, teacher, mask = _inputs(9, 17, 33, torch.float32, "mixed_mask")
+    q, kv = torch.randn(1, 2, 9, 8), torch.randn(2, 1, 2, 9, 8)
+    x, w = torch.randn(2, 9, 8), torch.ones(8)
+
+    monkeypatch.setenv("SPECFAST_KERNELS", "reference")
+    pruned_vocab_loss(hidden, weight, teacher, mask)
+    ttt_attention(q, kv, kv)
+    rms_norm(x, w, 1e-6)
+    assert calls == ["loss", "attention", "rms_norm"]
+    pruned_vocab_loss(hidden, weight, teacher, mask, backend="torch")  # explicit: not overridden
+    assert calls == ["loss", "attention", "rms_norm"]
+
+    monkeypatch.setenv("SPECFAST_KERNELS", "fast")
+    with pytest.raises(ValueError, match="SPECFAST_KERNELS='fast'"):
+        pruned_vocab_loss(hidden, weight, teacher, mask)
