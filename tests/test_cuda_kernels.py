@@ -94,7 +94,8 @@ def loss_inputs(T, H, V, form, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T,H,V,form", LOSS_CASES)
 def test_pruned_vocab_loss(seed, T, H, V, form, dtype, backend):
-    """The Triton kernel, and the chunked path on cuBLAS."""
+    """The Triton kernel, and the chunked path on cuBLAS (16-bit matmuls for 16-bit inputs, the
+    teacher's in exact TF32)."""
     hidden, weight, mask, teacher = loss_inputs(T, H, V, form, dtype)
     loss, correct = pruned_vocab_loss(hidden, weight, mask=mask, backend=backend, **teacher)
     ref, ref_correct = pruned_vocab_loss_reference(hidden, weight, mask=mask, **teacher)
@@ -117,6 +118,19 @@ def test_pruned_vocab_loss_all_masked(seed, backend):
     loss, _ = pruned_vocab_loss(hidden, weight, mask=mask, backend=backend, **teacher)
     dh, dw = grads(loss, (hidden, weight), None)
     assert float(loss.detach()) == 0.0 and not dh.any() and not dw.any()
+
+
+def test_pruned_vocab_loss_auto_on_cuda_is_the_chunked_path_and_leaves_tf32_alone(seed):
+    from specfast.kernels import _dispatch
+
+    hidden, weight, mask, teacher = loss_inputs(133, 64, 515, "hidden", torch.bfloat16)
+    before = torch.backends.cuda.matmul.allow_tf32
+    _dispatch._said.discard("pruned_vocab_loss:torch:cuda")
+    got = pruned_vocab_loss(hidden, weight, mask=mask, **teacher)[0]
+    assert "pruned_vocab_loss:torch:cuda" in _dispatch._said
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+    want = pruned_vocab_loss(hidden, weight, mask=mask, backend="torch", **teacher)[0]
+    assert float(got.detach()) == float(want.detach())
 
 
 # --------------------------------------------------------------------------------------------------
