@@ -109,14 +109,16 @@ def pruned_vocab_loss(
     teacher_weight [V, H_t] (exactly one of the two forms; neither gets a grad).
     Returns (loss: 0-dim fp32 with grads to hidden and weight, correct: bool [T]).
 
-    backend: "auto" (CUDA → Triton, otherwise chunked torch), "triton", "torch" or "reference".
+    backend: "auto" (the chunked torch path, on every device; SPECFAST_KERNELS may name another),
+    "triton", "torch" or "reference".
     chunk_size: rows per chunk of the torch path (default: about 64 MiB of fp32 logits per chunk).
     keep_bytes: torch path only; how many bytes of fp32 grad_logits the forward may keep for the
     backward instead of recomputing them (default: KEEP_BYTES, 128 MiB; 0 recomputes every chunk
     and keeps nothing of size T·V). The Triton path always recomputes (see the module docstring).
     mm_dtype: torch path only; the dtype of the draft's matmuls (bf16 runs ~2.3x faster than fp32
     on CPUs with AVX-512 BF16); softmaxes, sums and gradients stay fp32. Default: the autocast
-    dtype where autocast is on for the inputs' device, otherwise fp32.
+    dtype where autocast is on for the inputs' device, else a 16-bit hidden's own dtype on CUDA,
+    else fp32. A teacher given as 16-bit hidden state on CUDA is multiplied in exact TF32.
     """
     T, H, V = _check_args(hidden, weight, teacher_logits, mask, teacher_hidden, teacher_weight)
 
