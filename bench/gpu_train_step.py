@@ -40,7 +40,6 @@ import torch
 
 TTT = 7
 DOCS = 4
-PEAK_BF16 = 989e12  # H100/H200 SXM dense bf16, datasheet
 SHAPES = {  # H, Hq, Hkv, D, I, target vocab, draft vocab
     "smollm2": (576, 9, 3, 64, 1536, 49152, 16384),
     "llama3-8b": (4096, 32, 8, 128, 14336, 128256, 32000),
@@ -105,12 +104,13 @@ class Timer:
         if self.cuda:
             torch.cuda.synchronize()
 
-    def __call__(self, fn) -> float:
+    def __call__(self, fn) -> tuple[float, object]:
+        """(seconds, what fn returned)."""
         self.sync()
         t0 = time.perf_counter()
-        fn()
+        value = fn()
         self.sync()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, value
 
 
 def stepper(draft, batch, device):
@@ -136,20 +136,15 @@ def measure(name: str, T: int, device: str, repeats: int) -> dict:
     out = {}
     for way, kernels in WAYS:
         os.environ["SPECFAST_KERNELS"] = kernels
-        loss = {}
-        run = stepper(draft, batch, device)
-
-        def step(loss=loss, run=run):
-            loss["v"] = run()
-
+        step = stepper(draft, batch, device)
         try:
             timer(step)  # warm-up: Triton compiles, cuBLAS picks, gradients allocated
             if device != "cpu":
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
-            times = [timer(step) for _ in range(repeats)]
+            times, losses = zip(*(timer(step) for _ in range(repeats)))
             peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device != "cpu" else None
-            out[way] = {"s": statistics.median(times), "peak_gib": peak, "loss": loss["v"]}
+            out[way] = {"s": statistics.median(times), "peak_gib": peak, "loss": losses[-1]}
         except torch.cuda.OutOfMemoryError:
             out[way] = "OOM"
         finally:
@@ -245,8 +240,8 @@ def main(argv=None) -> int:
         for name in args.shapes.split(",")
         for T in args.rows.split(",")
     ]
-    peak = PEAK_BF16
     gpu = torch.cuda.get_device_name() if args.device != "cpu" else "cpu"
+    peak = harness.gpu_roofline(gpu)[1][0]
     body = [
         f"One training step of the draft (TTT {TTT}, forward + backward, bf16 autocast), median of "
         f"{args.repeats} after a warm-up. Baseline: the same step with SPECFAST_KERNELS=reference "

@@ -219,6 +219,23 @@ def gpu_name() -> str | None:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
+# Datasheet ceilings (dense bf16 FLOP/s, memory bytes/s) of the GPUs the benches judge against.
+GPU_ROOFLINES = {
+    "H100 SXM": (989e12, 3.35e12),
+    "H100 PCIe": (756e12, 2.0e12),
+    "H200": (989e12, 4.8e12),
+}
+
+
+def gpu_roofline(name: str) -> tuple[str, tuple[float, float]]:
+    """(label, (bf16 FLOP/s, bytes/s)) for a CUDA device name; H100 SXM where none matches."""
+    if "H200" in name:
+        return "H200", GPU_ROOFLINES["H200"]
+    if "PCIe" in name:
+        return "H100 PCIe", GPU_ROOFLINES["H100 PCIe"]
+    return "H100 SXM", GPU_ROOFLINES["H100 SXM"]
+
+
 def machine_line() -> str:
     import torch
 

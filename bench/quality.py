@@ -158,8 +158,9 @@ def variant_flags(name: str, a) -> list[str]:
     return [f.replace("{samples}", str(max(samples, 1))) for f in VARIANTS[name][0]]
 
 
-def run_variant(name: str, data: Path, prompts: Path, a, work: Path, core: int | None) -> dict:
-    flags = variant_flags(name, a)
+def run_variant(
+    name: str, flags: list[str], data: Path, prompts: Path, a, work: Path, core: int | None
+) -> dict:
     run = work / "runs" / name
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
@@ -269,7 +270,8 @@ def main(argv=None) -> int:
     def one(name: str) -> dict:
         _, fields, which = VARIANTS[name]
         missing = unwired(fields)
-        entry = {"variant": name, "flags": " ".join(variant_flags(name, a))}
+        flags = variant_flags(name, a)
+        entry = {"variant": name, "flags": " ".join(flags)}
         if missing:
             entry["note"] = f"not wired: the trainer does not read {', '.join(missing)} yet"
         elif datasets[which] is None:
@@ -278,7 +280,7 @@ def main(argv=None) -> int:
             core = free.get()
             print(f"[{name}] training {a.minutes} min on core {core} ...", flush=True)
             try:
-                entry = run_variant(name, datasets[which], prompts, a, a.work, core)
+                entry = run_variant(name, flags, datasets[which], prompts, a, a.work, core)
             except harness.ChildError as e:
                 entry["note"] = f"failed: {e}"
             finally:

@@ -35,7 +35,7 @@ import time
 from functools import partial
 
 import torch
-from harness import ChildError, cpu_model, ratio, run_child, write_result
+from harness import ChildError, cpu_model, gpu_roofline, ratio, run_child, write_result
 from specfast.kernels import ttt_attention, ttt_attention_reference
 
 S, B = 7, 1
@@ -283,17 +283,6 @@ def dense_skip_note(rows, L):
 
 # ---------------------------------------------------------------------------------------------- GPU
 # Dense bf16 tensor-core peak and HBM bandwidth.
-ROOFLINES = {"H100 SXM": (989e12, 3.35e12), "H100 PCIe": (756e12, 2.0e12), "H200": (989e12, 4.8e12)}
-
-
-def roofline_for(name):
-    if "H200" in name:
-        return "H200", ROOFLINES["H200"]
-    if "PCIe" in name:
-        return "H100 PCIe", ROOFLINES["H100 PCIe"]
-    return "H100 SXM", ROOFLINES["H100 SXM"]
-
-
 def _backward(fn, grad):
     fn().backward(grad)
 
@@ -303,7 +292,7 @@ def run_gpu(lengths, doc_len):
 
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name(dev)
-    roof_name, (peak_flops, _) = roofline_for(name)
+    roof_name, (peak_flops, _) = gpu_roofline(name)
     rows = []
     for cfg, heads in HEADS.items():
         for L, docs in [(L, d) for L in lengths for d in dict.fromkeys((None, doc_len))]:
