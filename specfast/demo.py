@@ -28,6 +28,12 @@ log = logging.getLogger("specfast")
 # gains less (0.34 s against 0.8 s): 200 samples, ~4 epochs, 801 steps, 1.337 against 1.322;
 # `make demo` from fresh clones: 854 / 837 steps, τ 1.315 / 1.279 on its 8 prompts (one run without
 # the cache: 398 steps, 1.279); on 8 prompts the gain is within the noise.
+# Also not kept (10 minutes on one core, 150 samples, 24 prompts; this recipe again 1.358):
+# 256-token rows over 300 samples 1.368 / 1.365 (seeds 0 / 1); a 4,096-token draft vocabulary 1.348
+# (1,240 steps; 250 samples 1.347) and 2,048 1.338 (1,498 steps): cheaper steps over the same
+# samples only fit them harder; lm_head frozen at the target's rows 1.358; Gaussian noise of 0.2×
+# their RMS on the aux states 1.361; fc_init_rms 2.0 1.339; fc's learning rate scaled per aux chunk
+# by its init std 1.331 (fc must move fast); prompt tokens supervised too 1.365.
 DEMO_TRAIN = dict(
     ttt_steps=2,
     batch_tokens=512,
