@@ -282,7 +282,6 @@ def dense_skip_note(rows, L):
 
 
 # ---------------------------------------------------------------------------------------------- GPU
-# Dense bf16 tensor-core peak and HBM bandwidth.
 def _backward(fn, grad):
     fn().backward(grad)
 

@@ -233,13 +233,17 @@ def _loss_scale(grad_loss, mask):
 # --------------------------------------------------------------------------------------------------
 
 
+def _is_16bit_cuda(t):
+    return t.is_cuda and t.dtype in (torch.bfloat16, torch.float16)
+
+
 def _default_mm_dtype(hidden):
     """The autocast dtype where autocast is on; else, on CUDA, a 16-bit hidden's own dtype (tensor
     cores, fp32 sums); else fp32 (the CPU training dtype)."""
     kind = hidden.device.type
     if torch.is_autocast_enabled(kind):
         return torch.get_autocast_dtype(kind)
-    if hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16):
+    if _is_16bit_cuda(hidden):
         return hidden.dtype
     return torch.float32
 
@@ -276,7 +280,7 @@ class _Teacher:
     def __init__(self, logits, hidden, weight):
         self.logits, self.hidden = logits, hidden
         self.weight_t = None if weight is None else weight.float().t()
-        self.exact_tf32 = hidden is not None and hidden.is_cuda and hidden.dtype.itemsize == 2
+        self.exact_tf32 = hidden is not None and _is_16bit_cuda(hidden)
 
     def rows(self, rows):
         if self.logits is not None:
