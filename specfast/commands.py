@@ -77,7 +77,11 @@ def _prepare_arguments(s: argparse.ArgumentParser) -> None:
         help="regeneration temperature (default 0: greedy)",
     )
     s.add_argument(
-        "--regen-batch", type=int, default=8, help="conversations generated at once (default 8)"
+        "--regen-batch",
+        type=int,
+        default=32,
+        help="conversations generated at once in process (default 32: SmolLM2 on 2 CPU cores "
+        "makes ~150 tokens/s at 32, ~50 at 8)",
     )
     s.add_argument(
         "--regen-max-new-tokens", type=int, default=512, help="max tokens per regenerated turn"

@@ -147,6 +147,11 @@ def _expected(msgs):
     return new
 
 
+def _first_prompt(msgs):
+    """The messages up to and with the first user turn."""
+    return msgs[: next(i for i, m in enumerate(msgs) if m["role"] == "user") + 1]
+
+
 def _lines(path):
     return [json.loads(ln) for ln in Path(path).read_text().splitlines()]
 
@@ -357,6 +362,76 @@ def test_hf_path_batches_conversations_of_similar_length(tiny_target_dir, tmp_pa
     # Sorted by length: the three short prompts share a batch, the three long ones the other.
     assert len(widths) == 2 and max(widths[0]) < min(widths[1])
     assert [w for w, _ in out] == [w for w, _ in convs]  # returned in the input's order
+
+
+def test_hf_path_generates_nothing_past_the_token_budget(tiny_target_dir, tmp_path):
+    from specfast.targets import load_target
+
+    target = load_target(str(tiny_target_dir), device="cpu")
+    tok = target.tokenizer
+    asked = []
+
+    class Recording:
+        tokenizer = tok
+
+        def generate(self, prompts, max_new_tokens, temperature):
+            asked.append((sorted(len(p) for p in prompts), max_new_tokens))
+            return target.generate(prompts, max_new_tokens, temperature)
+
+    convs = _convs(3)  # 1, 2 and 3 user turns
+    first = [len(encode_prompt(tok, _first_prompt(msgs), w)) for w, msgs in convs]
+    budget = max(first) + 3  # room for a few tokens after every first prompt, none after that
+    out = regenerate(
+        Recording(), convs, tmp_path / "r.jsonl", batch_size=3, max_new_tokens=64,
+        token_budget=budget,
+    )  # fmt: skip
+    # One call: the first turns, asking only for the room the roomiest prompt has left.
+    assert asked == [(sorted(first), budget - min(first))]
+    lines = {r["source"]: r for r in _lines(tmp_path / "r.jsonl")}
+    for (where, got), n in zip(out, first):
+        answer = got[-1]
+        assert [m["role"] for m in got][-2:] == ["user", "assistant"]
+        assert sum(m["role"] == "assistant" for m in got) == 1  # later turns not generated
+        assert len(tok(answer["content"], add_special_tokens=False)["input_ids"]) <= budget - n
+        assert lines[where]["cut_at"] == budget
+    # Without a budget, or under a larger one, those records are redone; under a smaller one
+    # they stand.
+    asked.clear()
+    regenerate(Recording(), convs, tmp_path / "r.jsonl", batch_size=3, max_new_tokens=64,
+               token_budget=budget - 1)  # fmt: skip
+    assert asked == []
+    again = regenerate(Recording(), convs, tmp_path / "r.jsonl", batch_size=3, max_new_tokens=2)
+    assert asked and [sum(m["role"] == "assistant" for m in g) for _, g in again] == [1, 2, 3]
+
+
+def test_a_prompt_past_the_budget_gets_no_answer(tok, tmp_path):
+    convs = [("long", [{"role": "user", "content": " ".join(["word"] * 60)},
+                       {"role": "assistant", "content": "x"}])]  # fmt: skip
+    with FakeServer(tok) as srv:
+        out = regenerate(ServerGenerator(srv.url, tok), convs, tmp_path / "r.jsonl",
+                         token_budget=20, progress=False)  # fmt: skip
+    assert srv.completions == 0 and out == [("long", [])]
+    assert _lines(tmp_path / "r.jsonl")[0]["cut_at"] == 20
+
+
+def test_server_path_caps_answers_at_the_budget_and_stops(tok, tmp_path):
+    convs = _convs(6)
+    with FakeServer(tok) as srv:
+        gen = ServerGenerator(srv.url, tok)
+        full = regenerate(gen, convs, tmp_path / "full.jsonl", max_new_tokens=64, progress=False)
+        # A budget that the first answer fills: each conversation stops after its first turn.
+        first = [len(encode_prompt(tok, _first_prompt(g), w)) for w, g in full]
+        srv.bodies.clear()
+        budget = max(first) + 2
+        out = regenerate(gen, convs, tmp_path / "r.jsonl", max_new_tokens=64,
+                         token_budget=budget, progress=False)  # fmt: skip
+    assert sorted(b["max_tokens"] for b in srv.bodies) == sorted(budget - n for n in first)
+    for (_, got), (_, whole) in zip(out, full):
+        assert got == whole[: len(got)] and sum(m["role"] == "assistant" for m in got) == 1
+    # Cut: the conversations whose later turns were dropped; a one-turn one answered in full is not.
+    turns = {w: sum(m["role"] == "user" for m in msgs) for w, msgs in convs}
+    assert all(r.get("cut_at") == (budget if turns[r["source"]] > 1 else None)
+               for r in _lines(tmp_path / "r.jsonl"))  # fmt: skip
 
 
 def test_prepare_command_through_a_server(tiny_target_dir, tiny_chat_jsonl, tok, tmp_path):

@@ -221,8 +221,14 @@ def prepare(
     if regenerate_with is not None:
         from .regenerate import regenerate
 
+        # Under truncation the tokens past max_len are thrown away: none are generated.
+        budget = max_len if overlong == "truncate" else None
         train = regenerate(
-            regenerate_with, train, out / "regenerated.jsonl", **(regen_kwargs or {})
+            regenerate_with,
+            train,
+            out / "regenerated.jsonl",
+            token_budget=budget,
+            **(regen_kwargs or {}),
         )
 
     ids_parts, mask_parts, lengths = [], [], []
