@@ -22,8 +22,11 @@ A variant whose settings the trainer does not act on yet (no call of the buildin
 the field outside the modules that define them: WIRING) is listed as "not wired" instead of
 silently training as the defaults.
 On-policy data: a prepared folder whose answers the target regenerated (`specfast prepare
---regenerate[-url]` with the same --limit and --heldout, so its held-out split is the same), given
-with --onpolicy-data.
+--regenerate[-url]`), given with --onpolicy-data. None of its conversations may be one of the
+held-out prompts: with the same --heldout, any --limit up to --conversations does (the first N
+conversations; the cached variant trains on only 15 per minute of budget), e.g. for 30 minutes
+    specfast prepare --out DIR --limit 500 --heldout 64 --max-len 512 --regenerate
+(--max-len 512: the rows are 512 tokens, so nothing past them is generated; ~25 min on 2 cores).
 """
 
 from __future__ import annotations
@@ -94,6 +97,11 @@ VARIANTS["demo-bf16-ttt2+init+cache"] = (
     ["precision"],
     "base",
 )
+VARIANTS["demo-bf16-ttt2+init+cache+on-policy"] = (
+    VARIANTS["demo-bf16-ttt2+init+cache"][0],
+    ["precision"],
+    "onpolicy",
+)
 QUICK_VARIANTS = ["defaults", "demo-recipe", "fc-init", "schedule", "all", "all+on-policy"]
 
 
@@ -140,6 +148,21 @@ def prepare_data(work: Path, conversations: int, heldout: int) -> Path:
             log=work / "prepare.log",
         )  # fmt: skip
     return data
+
+
+def check_onpolicy(onpolicy: Path, base: Path) -> None:
+    """The on-policy folder is regenerated data that holds none of the held-out conversations."""
+    log = onpolicy / "regenerated.jsonl"
+    if not (onpolicy / "meta.json").is_file() or not log.is_file():
+        raise SystemExit(f"--onpolicy-data {onpolicy}: not a folder of `prepare --regenerate`")
+    held = {json.loads(ln)["source"] for ln in (base / "heldout.jsonl").read_text().splitlines()}
+    trained = {json.loads(ln)["source"] for ln in log.read_text().splitlines()}
+    if held & trained:
+        raise SystemExit(
+            f"--onpolicy-data {onpolicy}: {len(held & trained)} of its conversations are held-out "
+            f"prompts of {base} (e.g. {sorted(held & trained)[0]}); prepare it with a --limit "
+            "no larger than --conversations and the same --heldout"
+        )
 
 
 def eval_prompts(data: Path, out: Path) -> Path:
@@ -261,6 +284,8 @@ def main(argv=None) -> int:
     data = prepare_data(a.work, a.conversations, a.heldout)
     prompts = eval_prompts(data, a.work / "prompts.jsonl")
     datasets = {"base": data, "onpolicy": Path(a.onpolicy_data) if a.onpolicy_data else None}
+    if datasets["onpolicy"] is not None:
+        check_onpolicy(datasets["onpolicy"], data)
 
     # Each variant runs on a core of its own; with --jobs N, N of them at once.
     free = queue.Queue()

@@ -1,12 +1,17 @@
-"""bench/harness.py: the ratio table and its file, and the child runner's value and peak RSS."""
+"""bench/harness.py: the ratio table and its file, and the child runner's value and peak RSS;
+bench/quality.py's check of on-policy data."""
 
+import json
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
 import harness  # noqa: E402
+import quality  # noqa: E402
 
 
 def _allocating(mib):
@@ -56,3 +61,21 @@ def test_run_command_pins_to_given_cores():
     assert res.stdout.split() == [f"[{core}]", "1"]
     res = harness.run_command([sys.executable, "-c", show], stdout=subprocess.PIPE, text=True)
     assert res.stdout.split() == [str(harness.pinned_cores(1)), "1"]
+
+
+def test_quality_refuses_onpolicy_data_holding_a_heldout_prompt(tmp_path):
+    def write(folder, name, sources):
+        folder.mkdir(exist_ok=True)
+        lines = [json.dumps({"source": s, "messages": []}) for s in sources]
+        (folder / name).write_text("\n".join(lines) + "\n")
+
+    base, onpolicy = tmp_path / "base", tmp_path / "onpolicy"
+    write(base, "heldout.jsonl", ["file: index 3000", "file: index 3001"])
+    write(onpolicy, "regenerated.jsonl", ["file: index 0", "file: index 1"])
+    with pytest.raises(SystemExit, match="not a folder of `prepare --regenerate`"):
+        quality.check_onpolicy(onpolicy, base)  # no meta.json: never finished
+    (onpolicy / "meta.json").write_text("{}")
+    quality.check_onpolicy(onpolicy, base)  # disjoint: accepted
+    write(onpolicy, "regenerated.jsonl", ["file: index 0", "file: index 3001"])
+    with pytest.raises(SystemExit, match="1 of its conversations are held-out prompts"):
+        quality.check_onpolicy(onpolicy, base)
