@@ -158,7 +158,7 @@ def _lines(path):
 
 def test_server_concurrency_context_and_log(tok, tmp_path):
     convs = _convs()
-    with FakeServer(tok, delay=0.05) as srv:
+    with FakeServer(tok, delay=0.2) as srv:
         gen = ServerGenerator(srv.url + "/v1/", tok)  # the /v1 suffix is accepted
         out = regenerate(
             gen, convs, tmp_path / "r.jsonl", concurrency=4, max_new_tokens=7, progress=False

@@ -263,3 +263,24 @@ def test_generate_is_greedy_and_leaves_the_tokenizer_alone(tiny_target_dir):
     answers = target.generate([prompt, prompt[:3]], max_new_tokens=4, temperature=0.7)
     assert len(answers) == 2 and all(1 <= len(a) <= 4 for a in answers)
     assert target.tokenizer_hash() == before
+
+
+def test_generate_batches_unequal_prompts_and_drops_finished_rows(tiny_target_dir, monkeypatch):
+    # The reference: HF's own greedy generate, to a fixed length. Then a token that one row
+    # produces early is made an EOS: that row leaves the batch there, the others go on unchanged.
+    target = HFTarget(tiny_target_dir)
+    tok = target.tokenizer
+    prompts = [tok(t)["input_ids"] for t in ("Hi", "What is two plus two, please?", "The cat sat")]
+    width, pad, n = max(map(len, prompts)), tok.pad_token_id, 12
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]
+    ref = target.model.generate(
+        input_ids=ids, attention_mask=mask.long(), max_new_tokens=n, min_new_tokens=n,
+        do_sample=False, pad_token_id=pad,
+    )[:, width:].tolist()  # fmt: skip
+    stop = ref[1][3]  # row 1 ends after 4 tokens
+    monkeypatch.setattr(target, "eos_token_ids", lambda: {stop})
+    got = target.generate(prompts, max_new_tokens=n)
+    for row, ans in zip(ref, got):
+        assert ans == (row[: row.index(stop) + 1] if stop in row else row)
+    assert len(got[1]) <= 4
