@@ -293,9 +293,9 @@ class HFTarget(TargetModel):
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=position,
-                past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **{self._cache_arg: cache},
             )
             logits = out.logits[:, -1].float()
             if temperature > 0:
