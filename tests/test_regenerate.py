@@ -474,6 +474,27 @@ def test_prepare_command_through_a_server(tiny_target_dir, tiny_chat_jsonl, tok,
     )
 
 
+def test_prepare_skips_a_prompt_longer_than_max_len(tiny_target_dir, tok, tmp_path):
+    from specfast.data.prepare import prepare
+    from specfast.data.prepared import PreparedData
+
+    chat = tmp_path / "chat.jsonl"
+    records = [[f"short question {i}", "an answer"] for i in range(6)]
+    records[2][0] = " ".join(["long"] * 200)  # past --max-len 100 on its own
+    chat.write_text("".join(
+        json.dumps({"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]})
+        + "\n" for q, a in records
+    ))  # fmt: skip
+    with FakeServer(tok) as srv:
+        stats = prepare([chat], tmp_path / "p", tok, str(tiny_target_dir), draft_vocab_size=16,
+                        max_len=100, heldout=1, regenerate_with=ServerGenerator(srv.url, tok),
+                        progress=False)  # fmt: skip
+    assert srv.completions == 4 and stats.samples == 4  # 5 trained on, the long one not asked
+    assert len(PreparedData.load(tmp_path / "p").lengths()) == 4
+    cut = [r for r in _lines(tmp_path / "p" / "regenerated.jsonl") if "cut_at" in r]
+    assert [(r["messages"], r["cut_at"]) for r in cut] == [([], 100)]
+
+
 # -- the real server -----------------------------------------------------------------------------
 
 

@@ -230,6 +230,15 @@ def prepare(
             token_budget=budget,
             **(regen_kwargs or {}),
         )
+        # A prompt longer than the budget gets no answer (nothing of it would be trained on).
+        answered = [(w, m) for w, m in train if any(x["role"] == "assistant" for x in m)]
+        if len(answered) < len(train):
+            log.info(
+                "regenerate: %d conversation(s) have no answer within --max-len %d; skipped",
+                len(train) - len(answered),
+                max_len,
+            )
+        train = answered
 
     ids_parts, mask_parts, lengths = [], [], []
     for where, messages in tqdm(
