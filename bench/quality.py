@@ -26,7 +26,8 @@ On-policy data: a prepared folder whose answers the target regenerated (`specfas
 held-out prompts: with the same --heldout, any --limit up to --conversations does (the first N
 conversations; the cached variant trains on only 15 per minute of budget), e.g. for 30 minutes
     specfast prepare --out DIR --limit 500 --heldout 64 --max-len 512 --regenerate
-(--max-len 512: the rows are 512 tokens, so nothing past them is generated; ~25 min on 2 cores).
+(--max-len 512: the rows are 512 tokens, so nothing past them is generated; ~30 min on 2 cores;
+measured in bench/results/quality-30min-onpolicy-*.md).
 """
 
 from __future__ import annotations
