@@ -78,33 +78,28 @@ class FakeServer:
                         return self.reply(server.fail_status, {"error": {"message": "busy"}})
                     server.inflight += 1
                     server.max_inflight = max(server.max_inflight, server.inflight)
-                try:
-                    time.sleep(server.delay)
-                    msgs = body["messages"]
-                    if body["model"] != server.model:
-                        return self.reply(404, {"error": {"message": "no such model"}})
-                    last = msgs[-1]["content"]
-                    if server.too_long_word and server.too_long_word in last:
-                        return self.reply(400, {"error": {"message": "context too long"}})
-                    n = sum(m["role"] == "assistant" for m in msgs)
-                    text = f"a{n} " + " ".join(reversed(last.split()))
-                    with server.lock:
-                        server.completions += 1
-                    self.reply(
-                        200,
-                        {
-                            "choices": [
-                                {
-                                    "index": 0,
-                                    "message": {"role": "assistant", "content": text},
-                                    "finish_reason": "stop",
-                                }
-                            ]
-                        },
-                    )
+                try:  # the answer is formed in flight; it leaves after the count drops, so
+                    # that a client's next request can never overlap this one in the count
+                    status, obj = self.answer(body)
                 finally:
                     with server.lock:
                         server.inflight -= 1
+                self.reply(status, obj)
+
+            def answer(self, body):
+                time.sleep(server.delay)
+                msgs = body["messages"]
+                if body["model"] != server.model:
+                    return 404, {"error": {"message": "no such model"}}
+                last = msgs[-1]["content"]
+                if server.too_long_word and server.too_long_word in last:
+                    return 400, {"error": {"message": "context too long"}}
+                n = sum(m["role"] == "assistant" for m in msgs)
+                text = f"a{n} " + " ".join(reversed(last.split()))
+                with server.lock:
+                    server.completions += 1
+                choice = {"index": 0, "message": {"role": "assistant", "content": text}}
+                return 200, {"choices": [{**choice, "finish_reason": "stop"}]}
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"

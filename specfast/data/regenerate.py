@@ -34,6 +34,7 @@ import urllib.error
 import urllib.request
 import zlib
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
 
@@ -289,41 +290,31 @@ def regenerate(
     if done:
         log.info("regenerate: resuming, %d of %d conversations already done", len(done), len(convs))
     todo = [(w, m) for w, m in convs if w not in done]
+    run = _Run(path, temperature, max_new_tokens, seed, progress, token_budget)
     if isinstance(target, ServerGenerator):
         if concurrency < 1:
             raise ValueError(f"--concurrency must be ≥ 1, not {concurrency}")
         if target.chat_template is None:
             target.chat_template = chat_template
         target.check()
-        _with_server(
-            target,
-            todo,
-            done,
-            path,
-            temperature,
-            max_new_tokens,
-            seed,
-            concurrency,
-            progress,
-            token_budget,
-        )
+        _with_server(target, todo, done, run, concurrency)
     else:
         if batch_size < 1:
             raise ValueError(f"--regen-batch must be ≥ 1, not {batch_size}")
-        _with_model(
-            target,
-            todo,
-            done,
-            path,
-            temperature,
-            batch_size,
-            max_new_tokens,
-            seed,
-            chat_template,
-            progress,
-            token_budget,
-        )
+        _with_model(target, todo, done, run, batch_size, chat_template)
     return [(w, done[w]) for w, _ in convs]
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What both ways of generating share."""
+
+    path: Path
+    temperature: float
+    max_new_tokens: int
+    seed: int
+    progress: bool
+    budget: int | None
 
 
 def _room(prompt_len: int, max_new_tokens: int, budget: int | None) -> int:
@@ -332,35 +323,26 @@ def _room(prompt_len: int, max_new_tokens: int, budget: int | None) -> int:
     return max_new_tokens if budget is None else min(max_new_tokens, budget - prompt_len)
 
 
-def _with_model(
-    target,
-    todo,
-    done,
-    path,
-    temperature,
-    batch_size,
-    max_new_tokens,
-    seed,
-    template,
-    progress,
-    budget,
-):
+def _with_model(target, todo, done, run: _Run, batch_size: int, template):
     tok = target.tokenizer
-    torch.manual_seed(seed)
+    torch.manual_seed(run.seed)
 
     # Batch conversations of similar length: a batch is padded to its longest prompt, so one
     # 3k-token prompt among short ones multiplies the whole batch's prefill (measured: 32 ShareGPT
     # first turns unsorted did not finish in 15 minutes; sorted, 64 took 63 s). Under a budget
     # most conversations end after their first answer: sort by what comes before it.
     def size(msgs):
-        if budget is not None:
+        if run.budget is not None:
             msgs = msgs[: next((i + 1 for i, m in enumerate(msgs) if m["role"] == "user"), None)]
         return sum(len(m["content"]) for m in msgs)
 
     todo = sorted(todo, key=lambda wm: size(wm[1]))
-    with open(path, "a") as f:
+    with open(run.path, "a") as f:
         for start in tqdm(
-            range(0, len(todo), batch_size), desc="regenerate", unit="batch", disable=not progress
+            range(0, len(todo), batch_size),
+            desc="regenerate",
+            unit="batch",
+            disable=not run.progress,
         ):
             batch = todo[start : start + batch_size]
             new, users = zip(*(_split(msgs) for _, msgs in batch))
@@ -372,7 +354,7 @@ def _with_model(
                     if cut[i] or turn >= len(users[i]):
                         continue
                     prompt = encode_prompt(tok, new[i] + [users[i][turn]], batch[i][0], template)
-                    room = _room(len(prompt), max_new_tokens, budget)
+                    room = _room(len(prompt), run.max_new_tokens, run.budget)
                     if room <= 0:  # this user turn and all after it would be cut away
                         cut[i] = True
                         continue
@@ -383,24 +365,22 @@ def _with_model(
                 if not active:
                     break
                 # One call per turn: as many new tokens as the roomiest prompt can keep.
-                answers = target.generate(prompts, max(rooms), temperature)
+                answers = target.generate(prompts, max(rooms), run.temperature)
                 for i, prompt, room, ids in zip(active, prompts, rooms, answers):
                     ids = list(ids)[:room]
                     text = tok.decode(ids, skip_special_tokens=True).strip()
                     new[i].append({"role": "assistant", "content": text})
                     # The budget is full: the answer may be cut short, later turns are cut away.
-                    cut[i] = budget is not None and len(prompt) + len(ids) >= budget
+                    cut[i] = run.budget is not None and len(prompt) + len(ids) >= run.budget
             for (where, _), msgs, was_cut in zip(batch, new, cut):
                 done[where] = msgs
                 record = {"source": where, "messages": msgs}
                 if was_cut:
-                    record["cut_at"] = budget
+                    record["cut_at"] = run.budget
                 _append(f, record)
 
 
-def _with_server(
-    server, todo, done, path, temperature, max_new_tokens, seed, concurrency, progress, budget
-):
+def _with_server(server, todo, done, run: _Run, concurrency: int):
     stop = threading.Event()
     rejected = [0]
 
@@ -409,29 +389,29 @@ def _with_server(
         for turn, user in enumerate(users):
             if stop.is_set():
                 raise ServerError("stopped")
-            room = max_new_tokens
-            if budget is not None:
+            room = run.max_new_tokens
+            if run.budget is not None:
                 prompt = encode_prompt(server.tokenizer, new + [user], where, server.chat_template)
-                room = _room(len(prompt), max_new_tokens, budget)
+                room = _room(len(prompt), run.max_new_tokens, run.budget)
                 if room <= 0:  # this user turn and all after it would be cut away
-                    return where, {"source": where, "messages": new, "cut_at": budget}
+                    return where, {"source": where, "messages": new, "cut_at": run.budget}
             new.append(user)
             try:
                 # A seed per conversation and turn, the same however the run was resumed.
-                turn_seed = (seed + zlib.crc32(f"{where}#{turn}".encode())) % 2**31
-                ans = server.answer(new, temperature, room, turn_seed)
+                turn_seed = (run.seed + zlib.crc32(f"{where}#{turn}".encode())) % 2**31
+                ans = server.answer(new, run.temperature, room, turn_seed)
             except RejectedError as e:  # keep the turns answered so far; no assistant turn: skipped
                 new.pop()
                 return where, {"source": where, "messages": new, "rejected": str(e)}
             new.append({"role": "assistant", "content": ans})
-            if budget is not None:  # full: the answer may be cut short, later turns cut away
+            if run.budget is not None:  # full: the answer may be cut short, later turns cut away
                 answer_ids = server.tokenizer(ans, add_special_tokens=False)["input_ids"]
-                if len(prompt) + len(answer_ids) >= budget:
-                    return where, {"source": where, "messages": new, "cut_at": budget}
+                if len(prompt) + len(answer_ids) >= run.budget:
+                    return where, {"source": where, "messages": new, "cut_at": run.budget}
         return where, {"source": where, "messages": new}
 
-    bar = tqdm(total=len(todo), desc="regenerate", unit="conv", disable=not progress)
-    with open(path, "a") as f, ThreadPoolExecutor(max_workers=concurrency) as pool:
+    bar = tqdm(total=len(todo), desc="regenerate", unit="conv", disable=not run.progress)
+    with open(run.path, "a") as f, ThreadPoolExecutor(max_workers=concurrency) as pool:
         futures = [pool.submit(one, w, m) for w, m in todo]
         pending = set(futures)
         try:
