@@ -34,6 +34,9 @@ log = logging.getLogger("specfast")
 # samples only fit them harder; lm_head frozen at the target's rows 1.358; Gaussian noise of 0.2×
 # their RMS on the aux states 1.361; fc_init_rms 2.0 1.339; fc's learning rate scaled per aux chunk
 # by its init std 1.331 (fc must move fast); prompt tokens supervised too 1.365.
+# On-policy data at the quality bench's 30 minutes (bench/results/quality-30min-onpolicy-*): this
+# recipe on 442 of SmolLM2's own answers 1.431 against 1.462 on ShareGPT's (the prompt SmolLM2
+# loops on rose 1.11 -> 1.41, the best ones fell); regenerating the demo's 200 would add ~12 min.
 DEMO_TRAIN = dict(
     ttt_steps=2,
     batch_tokens=512,
