@@ -230,20 +230,15 @@ def prepare(
             token_budget=budget,
             **(regen_kwargs or {}),
         )
-        # A prompt longer than the budget gets no answer (nothing of it would be trained on).
-        answered = [(w, m) for w, m in train if any(x["role"] == "assistant" for x in m)]
-        if len(answered) < len(train):
-            log.info(
-                "regenerate: %d conversation(s) have no answer within --max-len %d; skipped",
-                len(train) - len(answered),
-                max_len,
-            )
-        train = answered
 
     ids_parts, mask_parts, lengths = [], [], []
     for where, messages in tqdm(
         train, desc="tokenize", unit="conv", disable=not progress, mininterval=1.0
     ):
+        # No answer at all (a regenerated prompt that filled --max-len alone): nothing to supervise.
+        if not any(m["role"] == "assistant" for m in messages):
+            stats.no_supervised_tokens += 1
+            continue
         try:
             tok = tokenize_conversation(tokenizer, messages, chat_template)
         except TemplateError as e:

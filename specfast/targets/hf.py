@@ -315,4 +315,4 @@ class HFTarget(TargetModel):
                 rows, nxt, mask = [rows[j] for j in keep], nxt[index], mask[index]
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
             ids, position = nxt[:, None], mask.sum(1, keepdim=True) - 1
-        return [cut_after_eos(a, eos) for a in answers]
+        return answers  # each ends at its first EOS: its row left the batch there
