@@ -124,6 +124,7 @@ def run_demo(
         "sim_accept_len": round(summary.get("recent_sim_accept_len", 1.0), 3),
         "measured_accept_len": round(ev["acceptance_length"], 3),
         "accept_rate_by_position": [round(a, 3) for a in ev["acceptance_rate_per_position"]],
+        "outside_draft_vocab_share": round(ev["outside_draft_vocab_share"], 3),
         "speedup": round(ev["speedup"], 3) if ev.get("speedup") else None,
         "export": str(export),
         "wall_seconds": round(time.time() - t_start, 1),
@@ -185,6 +186,12 @@ def print_summary(r: dict) -> None:
         (
             "measured acceptance length τ",
             f"{r['measured_accept_len']:.3f}  (held-out, K=3, greedy; by position {by_position})",
+        )
+    )
+    rows.append(
+        (
+            "target tokens outside the draft vocab",
+            f"{r['outside_draft_vocab_share']:.1%}  (no draft can propose these)",
         )
     )
     if r.get("speedup"):

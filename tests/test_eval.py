@@ -474,3 +474,9 @@ def test_evaluate_multi_turn(target, drafts):
     assert res["acceptance_length"] == 1 + res["num_accepted_tokens"] / res["num_drafts"]
     assert res["speculative"]["generated_tokens"] == res["baseline"]["generated_tokens"] > 0
     assert res["speedup"] is not None and len(res["acceptance_rate_per_position"]) == 2
+    # The draft's 12 tokens leave 4 of the 16 out: each generated one is counted as such.
+    vocab = set(drafts[0].draft_ids.tolist())
+    per = [sum(t not in vocab for turn in p["outputs"] for t in turn) for p in res["per_prompt"]]
+    assert [p["outside_draft_vocab"] for p in res["per_prompt"]] == per
+    total = res["speculative"]["generated_tokens"]
+    assert res["outside_draft_vocab_share"] == pytest.approx(sum(per) / total)

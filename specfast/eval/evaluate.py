@@ -116,7 +116,9 @@ def evaluate(
     prompts: Prompt objects (specfast.eval.prompts.read_prompts), strings, or lists of user turns.
     baseline: also run the target alone on the same prompts, for tokens/s and the speedup (and,
               greedy, to check the speculative output is identical).
-    Returns a dict: vLLM-style acceptance counters, τ, acceptance rate by position, speeds, speedup.
+    Returns a dict: vLLM-style acceptance counters, τ, acceptance rate by position, speeds, speedup;
+    for an Eagle3Draft also how many generated tokens lie outside its vocabulary (none of those
+    can ever be proposed: a bound on τ that only --draft-vocab-size moves).
     """
     if k < 1:
         raise ValueError(f"--num-spec-tokens must be ≥ 1, not {k}")
@@ -125,9 +127,12 @@ def evaluate(
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be ≥ 1, not {max_new_tokens}")
     prompts = _as_prompts(prompts)
+    outside = None  # bool over the target vocabulary: the tokens no draft proposal can be
     if isinstance(draft, Eagle3Draft):
         check_matches_target(draft.config, target, "draft")
         proposer = Eagle3Proposer(draft)
+        outside = torch.ones(draft.config.vocab_size, dtype=torch.bool)
+        outside[draft.draft_ids.cpu()] = False
     else:
         proposer = draft
     eos = target.eos_token_ids()
@@ -167,7 +172,7 @@ def evaluate(
     )
 
     total = AcceptanceStats(k)
-    spec_tokens = spec_seconds = base_tokens = base_seconds = 0
+    spec_tokens = spec_seconds = base_tokens = base_seconds = outside_tokens = 0
     mismatched_turns, num_turns, per_prompt = 0, 0, []
     for prompt in tqdm(prompts, desc="eval", unit="prompt", disable=not progress, mininterval=1.0):
         stats = AcceptanceStats(k)
@@ -183,6 +188,14 @@ def evaluate(
             "num_drafts": stats.num_drafts,
             "acceptance_length": stats.acceptance_length,
         }
+        if outside is not None:
+            n = int(
+                outside[
+                    torch.tensor([t for turn in spec_out for t in turn], dtype=torch.long)
+                ].sum()
+            )
+            outside_tokens += n
+            entry["outside_draft_vocab"] = n
         if baseline:
             base_out, secs = _run_conversation(target, prompt, plain, eos)
             base_seconds += secs
@@ -222,6 +235,9 @@ def evaluate(
         "baseline": base,
         "speedup": speedup,
         "greedy_mismatched_turns": mismatched_turns if (baseline and temperature == 0) else None,
+        "outside_draft_vocab_share": (
+            outside_tokens / max(spec_tokens, 1) if outside is not None else None
+        ),
         "per_prompt": per_prompt,
     }
 
