@@ -37,6 +37,13 @@ log = logging.getLogger("specfast")
 # On-policy data at the quality bench's 30 minutes (bench/results/quality-30min-onpolicy-*): this
 # recipe on 442 of SmolLM2's own answers 1.431 against 1.462 on ShareGPT's (the prompt SmolLM2
 # loops on rose 1.11 -> 1.41, the best ones fell); regenerating the demo's 200 would add ~12 min.
+# Also not kept (10 minutes on one core, 150 samples, 24 prompts; this recipe 1.362 the same day):
+# a fifth / a tenth of the cached samples ending in a loop of their own last 2-48 tokens 1.322 /
+# 1.330 (the prompt SmolLM2 answers with an emoji loop stays at 1.03); 50 of SmolLM2's own answers
+# among the 150 1.329 (75 among 225: 1.334); aux layers 1,14,28 1.329. Paired, the same 1,000
+# steps and seed (this recipe 1.368): the weights' moving average (decay 0.998) 1.363, gradient
+# clip 5 1.341 or none 1.355 (norms run at 4-45, so every step is clipped), lr decaying to 0
+# 1.352, Adam beta2 0.99 1.342.
 DEMO_TRAIN = dict(
     ttt_steps=2,
     batch_tokens=512,
