@@ -117,8 +117,8 @@ def evaluate(
     baseline: also run the target alone on the same prompts, for tokens/s and the speedup (and,
               greedy, to check the speculative output is identical).
     Returns a dict: vLLM-style acceptance counters, τ, acceptance rate by position, speeds, speedup;
-    for an Eagle3Draft also how many generated tokens lie outside its vocabulary (none of those
-    can ever be proposed: a bound on τ that only --draft-vocab-size moves).
+    for an Eagle3Draft also how many generated tokens lie outside its vocabulary (no proposal can
+    ever match one of those; a larger --draft-vocab-size leaves fewer).
     """
     if k < 1:
         raise ValueError(f"--num-spec-tokens must be ≥ 1, not {k}")
@@ -189,11 +189,8 @@ def evaluate(
             "acceptance_length": stats.acceptance_length,
         }
         if outside is not None:
-            n = int(
-                outside[
-                    torch.tensor([t for turn in spec_out for t in turn], dtype=torch.long)
-                ].sum()
-            )
+            generated = torch.tensor([t for turn in spec_out for t in turn], dtype=torch.long)
+            n = int(outside[generated].sum())
             outside_tokens += n
             entry["outside_draft_vocab"] = n
         if baseline:
