@@ -127,12 +127,11 @@ def evaluate(
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be ≥ 1, not {max_new_tokens}")
     prompts = _as_prompts(prompts)
-    outside = None  # bool over the target vocabulary: the tokens no draft proposal can be
+    outside = None  # bool over the target vocabulary: the tokens no proposal can be
     if isinstance(draft, Eagle3Draft):
         check_matches_target(draft.config, target, "draft")
         proposer = Eagle3Proposer(draft)
-        outside = torch.ones(draft.config.vocab_size, dtype=torch.bool)
-        outside[draft.draft_ids.cpu()] = False
+        outside = ~draft.t2d.cpu()
     else:
         proposer = draft
     eos = target.eos_token_ids()
