@@ -191,7 +191,7 @@ def print_summary(r: dict) -> None:
         rows.append(("samples trained on (cached)", f"{r['trained_on_samples']:,}"))
     precision = f"{r['precision']} on {r['device']}"
     if r["device"] == "cpu" and r["precision"] == "float32":
-        precision += "  (bf16 would be emulated on this CPU; where AMX runs it, ~4x the steps)"
+        precision += "  (bf16 is emulated on this CPU: CPUs with fast bf16 make ~4x the steps)"
     rows += [
         ("matmul precision", precision),
         ("training tokens/s", f"{r['train_tokens_per_s']:.1f}"),
