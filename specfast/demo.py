@@ -191,7 +191,9 @@ def print_summary(r: dict) -> None:
         rows.append(("samples trained on (cached)", f"{r['trained_on_samples']:,}"))
     precision = f"{r['precision']} on {r['device']}"
     if r["device"] == "cpu" and r["precision"] == "float32":
-        precision += "  (bf16 is emulated on this CPU: CPUs with fast bf16 make ~4x the steps)"
+        precision += (
+            "  (bf16 runs no faster on this CPU; where it does, the demo makes ~4x the steps)"
+        )
     rows += [
         ("matmul precision", precision),
         ("training tokens/s", f"{r['train_tokens_per_s']:.1f}"),
