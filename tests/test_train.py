@@ -365,3 +365,45 @@ def test_timing_bf16_matmuls_leaves_the_global_rng_alone():
 def test_teacher_temperature_is_validated():
     with pytest.raises(ValueError, match="teacher_temperature must be > 0"):
         TrainConfig(data="x", teacher_temperature=0.0).validate()
+
+
+def test_a_step_with_nothing_supervised_leaves_the_weights_alone(
+    tmp_path, tiny_prepared, tiny_target_dir
+):
+    """Zero gradients still move AdamW's weights (momentum, decay): such a step is skipped, and
+    the next step with supervised rows trains as usual."""
+    from dataclasses import replace
+
+    from specfast.train.distributed import SINGLE
+    from specfast.train.trainer import setup_run, train_step
+
+    cfg = TrainConfig(
+        data=str(tiny_prepared),
+        target=str(tiny_target_dir),
+        out=str(tmp_path / "run"),
+        max_steps=4,
+        ttt_steps=2,
+        batch_tokens=150,
+        progress=False,
+        tensorboard=False,
+    )
+    run = setup_run(cfg, SINGLE, torch.device("cpu"))
+
+    def weights():
+        return {k: v.clone() for k, v in run.draft.trainable_state_dict().items()}
+
+    first = train_step(run)  # the pending first batch: AdamW now has momentum to apply
+    assert first["skipped"] == 0 and first["supervised"] > 0
+    before, state = weights(), json.dumps(str(run.optimizer.state_dict()["state"]))
+    batch = run.batches.next()
+    run.pending = replace(batch, loss_mask=torch.zeros_like(batch.loss_mask))
+    rec = train_step(run)
+    assert rec["skipped"] == 1 and rec["supervised"] == 0 and rec["grad_norm"] == 0.0
+    after = weights()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert json.dumps(str(run.optimizer.state_dict()["state"])) == state
+    run.pending = batch
+    rec = train_step(run)
+    assert rec["skipped"] == 0 and rec["supervised"] > 0
+    moved = weights()
+    assert any(not torch.equal(after[k], moved[k]) for k in after)

@@ -248,11 +248,19 @@ def train_step(run: Run) -> dict:
         n_tokens += batch.num_tokens
         loss_sum += float(loss.detach())
         step_loss_sum = step_losses if step_loss_sum is None else step_loss_sum + step_losses
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
-    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
-        grad_norm = grad_norm.full_tensor()
+    counts = distributed.all_sum(counts.to(run.device)).cpu()
     lr = set_lr(run)
-    run.optimizer.step()
+    # A step whose rows supervise nothing (possible online: whether the target's picks fall in the
+    # draft vocabulary is known only after its forward) has zero gradients, but AdamW would still
+    # move the weights (momentum, decay): it leaves the weights and the optimizer's state alone.
+    skipped = int(counts[:, 0].sum()) == 0
+    if skipped:
+        grad_norm = torch.zeros(())
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
+        run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
 
     # Global numbers: each micro-batch's loss is a mean over its own supervised tokens, and the
@@ -263,7 +271,6 @@ def train_step(run: Run) -> dict:
             run.device
         )
     ).cpu()
-    counts = distributed.all_sum(counts.to(run.device)).cpu()
     dt = distributed.all_max(time.perf_counter() - t0, run.device)  # the slowest rank's time
     run.step += 1
     tokens = int(sums[1])
@@ -275,6 +282,7 @@ def train_step(run: Run) -> dict:
         **metrics_from_counts(counts, [float(x) / n for x in sums[2:]]),
         "lr": lr,
         "grad_norm": float(grad_norm),
+        "skipped": int(skipped),  # 1: nothing supervised, the weights did not move
         "tokens": tokens,
         "tokens_per_s": tokens / dt,
         "elapsed_s": run.train_seconds,
