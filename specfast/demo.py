@@ -125,6 +125,7 @@ def run_demo(
     log.info(
         "[5/5] eval: speculative decoding of %d held-out conversations (K=3, greedy)", eval_prompts
     )
+    resolved = resolve_device(device)
     ev = measure_acceptance(
         export, target, out / "data" / "heldout.jsonl", eval_prompts, eval_tokens, device
     )
@@ -144,8 +145,8 @@ def run_demo(
         "accept_rate_by_position": [round(a, 3) for a in ev["acceptance_rate_per_position"]],
         "outside_draft_vocab_share": round(ev["outside_draft_vocab_share"], 3),
         "speedup": round(ev["speedup"], 3) if ev.get("speedup") else None,
-        "device": resolve_device(device).type,
-        "precision": str(compute_dtype(cfg.precision, resolve_device(device))).split(".")[-1],
+        "device": resolved.type,
+        "precision": str(compute_dtype(cfg.precision, resolved)).removeprefix("torch."),
         "export": str(export),
         "wall_seconds": round(time.time() - t_start, 1),
     }
