@@ -391,3 +391,38 @@ def test_a_step_with_nothing_supervised_leaves_the_weights_alone(
     assert rec["skipped"] == 0 and rec["supervised"] > 0
     moved = weights()
     assert any(not torch.equal(after[k], moved[k]) for k in after)
+
+
+def test_a_micro_batch_with_nothing_supervised_does_not_dilute_the_others(
+    tmp_path, tiny_prepared, tiny_target_dir
+):
+    """grad_accum 2 over (a batch, a batch that supervises nothing) makes the same update and
+    logs the same loss as grad_accum 1 over the first batch alone."""
+    from dataclasses import replace
+
+    from specfast.train.distributed import SINGLE
+    from specfast.train.trainer import setup_run, train_step
+
+    def one_step(grad_accum, batches):
+        cfg = tiny_config(tiny_prepared, tiny_target_dir, tmp_path / f"ga{grad_accum}")
+        run = setup_run(replace(cfg, grad_accum=grad_accum), SINGLE, torch.device("cpu"))
+        first = run.pending if run.pending is not None else run.batches.next()
+        queue = batches(first, run)
+        run.pending = queue.pop(0)
+        run.batches.next = lambda: queue.pop(0)
+        rec = train_step(run)
+        return rec, {k: v.clone() for k, v in run.draft.trainable_state_dict().items()}
+
+    def alone(first, run):
+        return [first]
+
+    def with_empty(first, run):
+        empty = run.batches.next()
+        return [first, replace(empty, loss_mask=torch.zeros_like(empty.loss_mask))]
+
+    a, wa = one_step(1, alone)
+    b, wb = one_step(2, with_empty)
+    assert a["supervised"] == b["supervised"] > 0 and b["skipped"] == 0
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+    assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+    assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7) for k in wa)

@@ -235,7 +235,7 @@ def train_step(run: Run) -> dict:
         else contextlib.nullcontext()
     )
     t0 = time.perf_counter()
-    counts, n_tokens, loss_sum, step_loss_sum = None, 0, 0.0, None
+    counts, n_tokens, loss_sum, step_loss_sum, supervising = None, 0, 0.0, None, 0
     for i in range(cfg.grad_accum):
         batch = run.pending if run.pending is not None else run.batches.next()
         run.pending = None
@@ -245,32 +245,39 @@ def train_step(run: Run) -> dict:
             (loss / cfg.grad_accum).backward()
         c = ttt_counts(correct, valid)
         counts = c if counts is None else counts + c
+        supervising += int(c[:, 0].sum() > 0)
         n_tokens += batch.num_tokens
         loss_sum += float(loss.detach())
         step_loss_sum = step_losses if step_loss_sum is None else step_loss_sum + step_losses
     counts = distributed.all_sum(counts.to(run.device)).cpu()
+    sums = distributed.all_sum(
+        torch.tensor(
+            [loss_sum, n_tokens, supervising, *step_loss_sum.tolist()], dtype=torch.float64
+        ).to(run.device)
+    ).cpu()
+    # Each micro-batch's loss is a mean over its own supervised tokens, and the step's gradient
+    # and loss are the mean over the N·G micro-batches that supervise something: one whose rows
+    # supervise nothing (possible online: whether the target's picks fall in the draft
+    # vocabulary is known only after its forward) has zero gradients and must not dilute the others.
+    n = run.ranks.world_size * cfg.grad_accum
+    m = int(sums[2])
     lr = set_lr(run)
-    # A step whose rows supervise nothing (possible online: whether the target's picks fall in the
-    # draft vocabulary is known only after its forward) has zero gradients, but AdamW would still
-    # move the weights (momentum, decay): it leaves the weights and the optimizer's state alone.
-    skipped = int(counts[:, 0].sum()) == 0
+    # With nothing supervised at all, AdamW would still move the weights (momentum, decay): the
+    # step leaves the weights and the optimizer's state alone.
+    skipped = m == 0
     if skipped:
         grad_norm = torch.zeros(())
     else:
+        if m < n:  # backward divided each loss by G and the ranks' all-reduce by N
+            for p in run.params:
+                if p.grad is not None:
+                    p.grad.mul_(n / m)
         grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
 
-    # Global numbers: each micro-batch's loss is a mean over its own supervised tokens, and the
-    # step's loss is the mean over all N·G micro-batches, as the gradient is.
-    n = run.ranks.world_size * cfg.grad_accum
-    sums = distributed.all_sum(
-        torch.tensor([loss_sum, n_tokens, *step_loss_sum.tolist()], dtype=torch.float64).to(
-            run.device
-        )
-    ).cpu()
     dt = distributed.all_max(time.perf_counter() - t0, run.device)  # the slowest rank's time
     run.step += 1
     tokens = int(sums[1])
@@ -278,8 +285,8 @@ def train_step(run: Run) -> dict:
     run.train_seconds += dt
     return {
         "step": run.step,
-        "loss": float(sums[0]) / n,
-        **metrics_from_counts(counts, [float(x) / n for x in sums[2:]]),
+        "loss": float(sums[0]) / max(m, 1),
+        **metrics_from_counts(counts, [float(x) / max(m, 1) for x in sums[3:]]),
         "lr": lr,
         "grad_norm": float(grad_norm),
         "skipped": int(skipped),  # 1: nothing supervised, the weights did not move
