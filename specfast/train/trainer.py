@@ -255,10 +255,11 @@ def train_step(run: Run) -> dict:
             [loss_sum, n_tokens, supervising, *step_loss_sum.tolist()], dtype=torch.float64
         ).to(run.device)
     ).cpu()
-    # Each micro-batch's loss is a mean over its own supervised tokens, and the step's gradient
-    # and loss are the mean over the N·G micro-batches that supervise something: one whose rows
-    # supervise nothing (possible online: whether the target's picks fall in the draft
-    # vocabulary is known only after its forward) has zero gradients and must not dilute the others.
+    # Each micro-batch's loss is a mean over its own supervised tokens; the step's gradient and
+    # loss are the mean over those of the N·G micro-batches (G per rank, N ranks) that supervise
+    # something. One whose rows supervise nothing (possible online: whether the target's picks
+    # fall in the draft vocabulary is known only after its forward) has zero gradients and must
+    # not dilute the others.
     n = run.ranks.world_size * cfg.grad_accum
     m = int(sums[2])
     lr = set_lr(run)
