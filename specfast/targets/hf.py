@@ -59,6 +59,20 @@ def cut_after_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
     return tokens
 
 
+def norm_weight(norm, hidden_size: int) -> torch.Tensor | None:
+    """A final norm module's [hidden_size] scale, or None where it has none of that shape."""
+    w = getattr(norm, "weight", None)
+    return w if isinstance(w, torch.Tensor) and w.shape == (hidden_size,) else None
+
+
+def generation_eos_ids(model) -> set[int]:
+    """The eos_token_id(s) of a HF model's generation config: one id, a list, or none."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
 class HFCache:
     """A transformers DynamicCache for one sequence."""
 
@@ -187,19 +201,11 @@ class HFTarget(TargetModel):
         return self.model.get_input_embeddings().weight
 
     def final_norm_weight(self) -> torch.Tensor | None:
-        norm = getattr(self.model.base_model, "norm", None)
-        w = getattr(norm, "weight", None)
-        return w if isinstance(w, torch.Tensor) and w.shape == (self.hidden_size,) else None
+        return norm_weight(getattr(self.model.base_model, "norm", None), self.hidden_size)
 
     def eos_token_ids(self) -> set[int]:
         """The tokenizer's EOS and the generation config's eos_token_id(s)."""
-        ids = super().eos_token_ids()
-        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        if gen_eos is not None:
-            ids.update(
-                int(i) for i in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
-            )
-        return ids
+        return super().eos_token_ids() | generation_eos_ids(self.model)
 
     def _aux(self, hidden_states) -> torch.Tensor:
         # hidden_states[0] is the embedding output, so layer i's output is hidden_states[i + 1].

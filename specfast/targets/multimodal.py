@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from .base import PackedTargetOutput, TargetModel, tokenizer_hash
-from .hf import cut_after_eos
+from .hf import cut_after_eos, generation_eos_ids, norm_weight
 
 log = logging.getLogger("specfast")
 
@@ -308,17 +308,10 @@ class MultimodalTarget(TargetModel):
         return self.model.get_input_embeddings().weight
 
     def final_norm_weight(self) -> torch.Tensor | None:
-        norm = getattr(self.model.model.language_model, "norm", None)
-        w = getattr(norm, "weight", None)
-        return w if isinstance(w, torch.Tensor) and w.shape == (self.hidden_size,) else None
+        return norm_weight(getattr(self.model.model.language_model, "norm", None), self.hidden_size)
 
     def eos_token_ids(self) -> set[int]:
-        ids = super().eos_token_ids()
-        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        if gen_eos is not None:
-            ids.update(
-                int(i) for i in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
-            )
+        ids = super().eos_token_ids() | generation_eos_ids(self.model)
         return {i for i in ids if 0 <= i < self.vocab_size}
 
     # -- forward ------------------------------------------------------------------------------
