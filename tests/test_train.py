@@ -71,6 +71,11 @@ def tiny_config(data, target, out, **over) -> TrainConfig:
     return TrainConfig(data=str(data), target=str(target), out=str(out), **{**fields, **over})
 
 
+def draft_weights(run) -> dict:
+    """A copy of the draft's trainable tensors, to compare before and after a step."""
+    return {k: v.clone() for k, v in run.draft.trainable_state_dict().items()}
+
+
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, tiny_prepared, tiny_target_dir):
     full = run_cli(train_args(tiny_prepared, tiny_target_dir, tmp_path / "full"))
     assert full.returncode == 0, full.stderr[-2000:]
@@ -365,9 +370,6 @@ def test_a_step_with_nothing_supervised_leaves_the_weights_alone(
     cfg = tiny_config(tiny_prepared, tiny_target_dir, tmp_path / "run", max_steps=4)
     run = setup_run(cfg, SINGLE, torch.device("cpu"))
 
-    def weights():
-        return {k: v.clone() for k, v in run.draft.trainable_state_dict().items()}
-
     def optimizer_state():  # per parameter: its step count and both moments
         return [{k: v.clone() for k, v in s.items()} for s in run.optimizer.state.values()]
 
@@ -378,18 +380,18 @@ def test_a_step_with_nothing_supervised_leaves_the_weights_alone(
 
     first = train_step(run)  # the pending first batch: AdamW now has momentum to apply
     assert first["skipped"] == 0 and first["supervised"] > 0
-    before, state = weights(), optimizer_state()
+    before, state = draft_weights(run), optimizer_state()
     batch = run.batches.next()
     run.pending = replace(batch, loss_mask=torch.zeros_like(batch.loss_mask))
     rec = train_step(run)
     assert rec["skipped"] == 1 and rec["supervised"] == 0 and rec["grad_norm"] == 0.0
-    after = weights()
+    after = draft_weights(run)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert same(optimizer_state(), state)
     run.pending = batch
     rec = train_step(run)
     assert rec["skipped"] == 0 and rec["supervised"] > 0
-    moved = weights()
+    moved = draft_weights(run)
     assert any(not torch.equal(after[k], moved[k]) for k in after)
 
 
@@ -403,25 +405,21 @@ def test_a_micro_batch_with_nothing_supervised_does_not_dilute_the_others(
     from specfast.train.distributed import SINGLE
     from specfast.train.trainer import setup_run, train_step
 
-    def one_step(grad_accum, batches):
-        cfg = tiny_config(tiny_prepared, tiny_target_dir, tmp_path / f"ga{grad_accum}")
-        run = setup_run(replace(cfg, grad_accum=grad_accum), SINGLE, torch.device("cpu"))
-        first = run.pending if run.pending is not None else run.batches.next()
-        queue = batches(first, run)
+    def one_step(grad_accum):
+        cfg = tiny_config(
+            tiny_prepared, tiny_target_dir, tmp_path / f"ga{grad_accum}", grad_accum=grad_accum
+        )
+        run = setup_run(cfg, SINGLE, torch.device("cpu"))
+        queue = [run.pending if run.pending is not None else run.batches.next()]
+        if grad_accum == 2:
+            empty = run.batches.next()
+            queue.append(replace(empty, loss_mask=torch.zeros_like(empty.loss_mask)))
         run.pending = queue.pop(0)
         run.batches.next = lambda: queue.pop(0)
-        rec = train_step(run)
-        return rec, {k: v.clone() for k, v in run.draft.trainable_state_dict().items()}
+        return train_step(run), draft_weights(run)
 
-    def alone(first, run):
-        return [first]
-
-    def with_empty(first, run):
-        empty = run.batches.next()
-        return [first, replace(empty, loss_mask=torch.zeros_like(empty.loss_mask))]
-
-    a, wa = one_step(1, alone)
-    b, wb = one_step(2, with_empty)
+    a, wa = one_step(1)
+    b, wb = one_step(2)
     assert a["supervised"] == b["supervised"] > 0 and b["skipped"] == 0
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
     assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
